@@ -1,0 +1,332 @@
+"""GRPO for a vision-language policy: the whole objective, as pure functions with the model passed in.
+
+The variant (DeepSeekMath, Shao et al. 2024, arXiv 2402.03300, section 4.1, with the choices named below):
+
+    For each prompt q (an image and a request) sample a group of G completions o_1..o_G from the old policy.
+    Score each with a scalar reward r_i and give every token of o_i the same advantage
+
+        A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)                      (group-normalised, outcome reward)
+
+    and maximise the clipped surrogate minus a KL penalty to a frozen reference policy:
+
+        J(theta) = E[ agg_{i,t} ( min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta * KL_it ) ]
+        rho_it   = pi_theta(o_it | q, o_i,<t) / pi_old(o_it | q, o_i,<t)
+        KL_it    = exp(ref_it - logp_it) - (ref_it - logp_it) - 1                 (k3 estimator, Schulman 2020)
+
+    where agg is one of three aggregations over sequences i and their tokens t (see `loss_denominator`).
+
+Departures from DeepSeekMath's GRPO, all switchable or documented:
+    1. Asymmetric clipping is allowed (eps_low, eps_high; DAPO, arXiv 2503.14476). Default eps_low = eps_high = 0.2.
+    2. Three aggregations: "sequence" (DeepSeekMath: mean over a sequence's tokens, then over sequences), "token"
+       (DAPO: mean over all tokens of the batch) and "constant" (Dr. GRPO, arXiv 2503.20783: token sum divided by a
+       fixed length). The denominator always comes from the whole global batch, so splitting the batch into micro-
+       batches or ranks never changes the gradient.
+    3. `scale="none"` drops the std division (Dr. GRPO); the default "group" keeps it.
+    4. A group whose rewards are all equal gets advantage exactly 0 (decided in float64 with a tolerance), so it adds
+       nothing to the surrogate: its only gradient is the KL term.
+    5. Log-probs use logits divided by the sampling temperature, so the ratio is taken between the same distributions
+       that generated the samples.
+
+Shapes: N prompts, G rollouts per prompt, B = N * G sequences, P prompt tokens, T completion tokens, V vocabulary.
+This module imports torch only; the model, processor and rewards are handed in by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+Aggregation = Literal["sequence", "token", "constant"]
+AdvantageScale = Literal["group", "none"]
+
+ADV_EPS = 1e-4  # added to the group std; small against F1 reward spreads (>= 1/G) and keeps 1-outlier groups finite
+EQUAL_TOL = 1e-6  # rewards closer than this (in float64) count as equal: 1/3 in float32 is not exact
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batches. One place knows Qwen-VL's image layout: `pixel_values` is flat (all patches of all images concatenated),
+# one image per prompt row here, and image i owns image_grid_thw[i].prod() consecutive patch rows.
+
+
+@dataclass
+class Batch:
+    """The tensors of B sequences that every GRPO pass reads: prompt inputs, completion tokens and their mask.
+
+    `prompt` holds the processor's tensors for the prompt rows: input_ids (B, P), attention_mask (B, P),
+    mm_token_type_ids (B, P), image_grid_thw (B, 3) and pixel_values (sum of patches, D). The optional tensors are
+    filled in by the training loop before the update.
+    """
+
+    prompt: dict[str, torch.Tensor]
+    completion_ids: torch.Tensor  # (B, T)
+    completion_mask: torch.Tensor  # (B, T) 1 up to and including the first EOS
+    advantages: torch.Tensor | None = None  # (B,)
+    old_per_token_logps: torch.Tensor | None = None  # (B, T)
+    ref_per_token_logps: torch.Tensor | None = None  # (B, T)
+    texts: list[str] = field(default_factory=list)  # decoded completions, for rewards and logs
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+
+def _patch_offsets(image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """Start offset of each image's block of rows in the flat pixel_values, plus the end: (n_images + 1,)."""
+    sizes = image_grid_thw.prod(-1)  # (n_images,) patches per image
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # (n_images + 1,)
+
+
+def select_rows(prompt: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Prompt inputs of the given rows (any order, repeats allowed), moving each row's image block with it."""
+    out = {}
+    for key, value in prompt.items():
+        if key == "pixel_values":
+            offsets = _patch_offsets(prompt["image_grid_thw"])  # (n_images + 1,)
+            blocks = [value[offsets[r] : offsets[r + 1]] for r in rows.tolist()]
+            out[key] = torch.cat(blocks)  # (sum of selected patches, D)
+        else:
+            out[key] = value[rows]  # (len(rows), ...)
+    return out
+
+
+def repeat_prompts(prompt: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """Each prompt row G times in a row (rows 0,0,..,0,1,1,..): image blocks repeated per image, not per patch row."""
+    n = prompt["input_ids"].shape[0]
+    if "image_grid_thw" in prompt and prompt["image_grid_thw"].shape[0] != n:
+        raise ValueError(f"expected one image per prompt, got {prompt['image_grid_thw'].shape[0]} images for {n} rows")
+    rows = torch.arange(n).repeat_interleave(group_size)  # (N * G,)
+    return select_rows(prompt, rows)
+
+
+def select(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The sub-batch of the given rows, every tensor field sliced consistently."""
+
+    def take(t):
+        return None if t is None else t[rows]
+
+    return replace(
+        batch,
+        prompt=select_rows(batch.prompt, rows),
+        completion_ids=batch.completion_ids[rows],
+        completion_mask=batch.completion_mask[rows],
+        advantages=take(batch.advantages),
+        old_per_token_logps=take(batch.old_per_token_logps),
+        ref_per_token_logps=take(batch.ref_per_token_logps),
+        texts=[batch.texts[i] for i in rows.tolist()] if batch.texts else [],
+    )
+
+
+def split_micro_batches(batch: Batch, num_micro: int) -> list[Batch]:
+    """Consecutive slices of (nearly) equal size. With `loss_denominator` taken from the whole batch, the summed
+    gradients of the slices equal the full batch's gradient for every aggregation."""
+    return [select(batch, rows) for rows in torch.arange(len(batch)).tensor_split(num_micro) if len(rows) > 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rollout: G samples per prompt in one batched generate call.
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 at every position up to and including the first EOS, 0 after it; all 1 when no EOS was produced.
+
+    Decided by position, never by token value: a pad token that equals EOS, or an EOS-like token inside the text,
+    must not change which tokens the loss sees.
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (B, T)
+    T = completion_ids.shape[1]
+    positions = torch.arange(T, device=completion_ids.device).expand_as(completion_ids)  # (B, T)
+    first_eos = torch.where(is_eos, positions, T).min(dim=1).values  # (B,) T when there is no EOS
+    return (positions <= first_eos.unsqueeze(1)).long()  # (B, T)
+
+
+@torch.no_grad()
+def sample_group(
+    model,
+    processor,
+    prompts: dict[str, torch.Tensor],
+    group_size: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_ids: list[int] | None = None,
+    return_sampling_logps: bool = False,
+    **generate_kwargs,
+) -> Batch:
+    """Sample G completions for each of N left-padded prompts with one `generate` call.
+
+    Sampling parameters are explicit (top_k=0): transformers' default top_k=50 would make the sampled distribution
+    differ from the one `per_token_logps` scores. Returns a Batch of B = N * G rows, rows of one prompt adjacent.
+    With `return_sampling_logps`, the log-probs that generation itself used are attached as `old_per_token_logps`
+    (tests compare them with `per_token_logps`; training recomputes them in the training precision).
+    """
+    if eos_token_ids is None:
+        eos = model.generation_config.eos_token_id
+        eos_token_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    repeated = repeat_prompts(prompts, group_size)  # input_ids (B, P)
+    out = model.generate(
+        **repeated,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_scores=return_sampling_logps,
+        **generate_kwargs,
+    )
+    prompt_len = repeated["input_ids"].shape[1]
+    completion_ids = out.sequences[:, prompt_len:]  # (B, T)
+    completion_mask = completion_mask_from_eos(completion_ids, eos_token_ids)  # (B, T)
+    texts = tokenizer.batch_decode(completion_ids * completion_mask, skip_special_tokens=True)
+    batch = Batch(prompt=repeated, completion_ids=completion_ids, completion_mask=completion_mask, texts=texts)
+    if return_sampling_logps:
+        scores = torch.stack(out.scores, dim=1).float()  # (B, T, V) logits after temperature, as sampled
+        logps = scores.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        batch.old_per_token_logps = logps * completion_mask
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The one log-prob function: current, old and reference policy all go through here.
+
+
+def per_token_logps(model, batch: Batch, temperature: float = 1.0, *, return_entropy: bool = False):
+    """log pi(o_t | q, o_<t) for every completion token: (B, T), or ((B, T), entropy (B, T)).
+
+    The prompt and completion are run as one sequence. Logits at position t predict token t + 1, hence the one-token
+    shift; only the last T + 1 positions' logits are materialised (`logits_to_keep`). Logits are divided by the
+    sampling temperature and the log-softmax is taken in fp32 (bf16 log-probs are too coarse for ratios near 1).
+    `mm_token_type_ids` is extended with zeros over the completion: without it Qwen2.5-VL silently falls back to
+    1-D positions. Positions after a sequence's EOS are scored but masked by the caller.
+    """
+    prompt = batch.prompt
+    T = batch.completion_ids.shape[1]
+    input_ids = torch.cat([prompt["input_ids"], batch.completion_ids], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([prompt["attention_mask"], torch.ones_like(batch.completion_ids)], dim=1)  # (B, P+T)
+    extra = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "mm_token_type_ids" in prompt:
+        zeros = torch.zeros_like(batch.completion_ids)  # (B, T) completion tokens are text
+        extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], zeros], dim=1)  # (B, P + T)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, **extra).logits
+    logits = logits[:, :-1, :].float() / temperature  # (B, T, V) position P-1+t predicts completion token t
+    logps = logits.log_softmax(-1)  # (B, T, V)
+    token_logps = logps.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if not return_entropy:
+        return token_logps
+    with torch.no_grad():
+        entropy = -(logps.exp() * logps).sum(-1)  # (B, T)
+    return token_logps, entropy
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Advantages, KL, loss.
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: AdvantageScale = "group") -> torch.Tensor:
+    """A_i = (r_i - mean_group) / (std_group + eps), or r_i - mean_group for scale="none" (Dr. GRPO). (B,) -> (B,).
+
+    The std is the sample std (ddof = 1, torch's default, as in DeepSeekMath's reference code); eps = ADV_EPS.
+    Computed in float64, and a group whose rewards all lie within EQUAL_TOL gets exactly 0: in float32, three rewards
+    of 1/3 can differ in the last bit and would otherwise be blown up into +-1 advantages by the std division.
+    """
+    r = rewards.double().view(-1, group_size)  # (N, G)
+    centred = r - r.mean(dim=1, keepdim=True)  # (N, G)
+    if scale == "group":
+        adv = centred / (r.std(dim=1, keepdim=True) + ADV_EPS)  # (N, G)
+    elif scale == "none":
+        adv = centred  # (N, G)
+    else:
+        raise ValueError(f"scale must be 'group' or 'none', got {scale!r}")
+    equal = (r.max(dim=1, keepdim=True).values - r.min(dim=1, keepdim=True).values) <= EQUAL_TOL  # (N, 1)
+    adv = torch.where(equal, torch.zeros_like(adv), adv)  # (N, G)
+    return adv.view(-1).to(torch.float32)  # (B,)
+
+
+def kl_k3(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(pi_theta || pi_ref) per token (Schulman 2020): exp(d) - d - 1 with d = ref - logp. (B, T).
+
+    Unbiased for samples from pi_theta, always >= 0, and 0 exactly where the two log-probs agree.
+    """
+    delta = ref_per_token_logps - per_token_logps  # (B, T)
+    return torch.exp(delta) - delta - 1  # (B, T)
+
+
+def loss_denominator(completion_mask: torch.Tensor, aggregation: Aggregation, max_completion_length: int) -> float:
+    """The batch-level normaliser of the loss sum, taken from the WHOLE (global) batch's mask.
+
+    "sequence": number of sequences (each sequence's token sum is first divided by its own length),
+    "token":    number of unmasked tokens,
+    "constant": number of sequences times the fixed max completion length.
+    Callers that split a batch over micro-batches or ranks compute this once on the whole batch (summing across ranks)
+    and hand it to every `grpo_loss` call; then the summed micro-batch gradients equal the full-batch gradient.
+    """
+    if aggregation == "sequence":
+        return float(completion_mask.shape[0])
+    if aggregation == "token":
+        return float(completion_mask.sum().clamp(min=1))
+    if aggregation == "constant":
+        return float(completion_mask.shape[0] * max_completion_length)
+    raise ValueError(f"aggregation must be 'sequence', 'token' or 'constant', got {aggregation!r}")
+
+
+def grpo_loss(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    ref_per_token_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    beta: float = 0.01,
+    aggregation: Aggregation = "sequence",
+    max_completion_length: int | None = None,
+    denominator: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss (to minimise) of a batch or micro-batch, and metrics of this slice.
+
+    `denominator` defaults to this batch's own `loss_denominator`; pass the whole batch's when this is a slice.
+    `ref_per_token_logps` may be None when beta == 0 (no reference model is needed then).
+    """
+    mask = completion_mask.to(per_token_logps.dtype)  # (B, T)
+    adv = advantages.unsqueeze(1)  # (B, 1) one advantage for every token of a sequence
+    # rho_it = pi_theta / pi_old, in log space for stability (DeepSeekMath eq. 3)
+    ratio = torch.exp(per_token_logps - old_per_token_logps)  # (B, T)
+    clipped_ratio = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)  # (B, T)
+    # min(rho A, clip(rho) A): the pessimistic bound of PPO (Schulman et al. 2017, eq. 7), per token
+    surrogate = torch.min(ratio * adv, clipped_ratio * adv)  # (B, T)
+    per_token_loss = -surrogate  # (B, T)
+    if beta != 0.0:
+        kl = kl_k3(per_token_logps, ref_per_token_logps)  # (B, T)
+        per_token_loss = per_token_loss + beta * kl  # (B, T) DeepSeekMath eq. 3: ... - beta * D_KL
+    else:
+        kl = torch.zeros_like(per_token_logps)  # (B, T)
+
+    max_len = max_completion_length or completion_mask.shape[1]
+    if denominator is None:
+        denominator = loss_denominator(completion_mask, aggregation, max_len)
+    if aggregation == "sequence":
+        # each sequence's mean over its own tokens; the sum over sequences is divided by the whole batch's count
+        per_seq = (per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        loss = per_seq.sum() / denominator
+    else:
+        loss = (per_token_loss * mask).sum() / denominator  # "token" and "constant" differ only in the denominator
+
+    with torch.no_grad():
+        n_tok = mask.sum().clamp(min=1)
+        low = ((ratio < 1 - clip_eps_low) & (adv < 0)).to(mask.dtype)  # (B, T) clipped below: no gradient
+        high = ((ratio > 1 + clip_eps_high) & (adv > 0)).to(mask.dtype)  # (B, T) clipped above: no gradient
+        metrics = {
+            "kl": float((kl * mask).sum() / n_tok),
+            "ratio_mean": float((ratio * mask).sum() / n_tok),
+            "ratio_max": float(ratio.masked_fill(mask == 0, 0).max()),
+            "clip_frac_low": float((low * mask).sum() / n_tok),
+            "clip_frac_high": float((high * mask).sum() / n_tok),
+            "tokens": float(mask.sum()),
+        }
+    return loss, metrics
