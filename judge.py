@@ -1,8 +1,52 @@
-"""VLM judges on the paper's rubric (Table 2). SKELETON: the judge helper owns and completes this file."""
+"""VLM judges that score an image edit on the paper's rubric (ImageEdit-R1, Table 2).
+
+A judge looks at the ORIGINAL image, the EDITED image and the edit request, and returns a `Verdict`: request
+fulfilment (0-4), image quality (0-3) and preservation of unrelated areas (0-3), which add up to the 0-10 score the
+paper reports in Table 1. The prompt is the paper's Table 2 text, word for word (`RUBRIC_PROMPT`), followed by one
+sentence of ours that asks for a JSON answer (`ANSWER_FORMAT`); the paper does not say how it parsed the scores.
+
+Two kinds of judge share one small interface (`name`, `judge(original, edited, request) -> Verdict`,
+`judge_many(samples) -> list[Verdict | JudgeFailure]`), so `evaluate.py` and the reward code can take either:
+
+- `OpenAIJudge` talks to any OpenAI-compatible chat-completions server through the official `openai` client:
+  GPT-4o and Gemini 2.5 Flash (the paper's two judges; Gemini through Google's OpenAI-compatible endpoint) or a local
+  vLLM server. Both images travel as PNG data URLs in `image_url` parts, in the order the rubric names them, and the
+  reply is constrained by a strict JSON schema. Structured output does not enforce numeric bounds, so
+  `parse_verdict` validates and clamps every score in code.
+- `LocalJudge` runs a transformers VLM in this process with greedy decoding and parses its text the same way.
+
+Failure handling, from the wire up:
+
+1. Transport. The `openai` client (checked against openai 3.57) retries HTTP 408, 409, 429 and 5xx, timeouts and
+   connection errors up to `max_retries` times. It sleeps for the server's `Retry-After` / `retry-after-ms` when that
+   is given and at most 120 s, else for an exponential backoff of 0.5 s * 2^n (at most 8 s, minus up to 25 % jitter).
+   We rely on that and add no transport retry loop of our own.
+2. Content. A 200 reply whose text is not a valid verdict (bad JSON, a missing field, a refusal) is asked again up to
+   `parse_retries` times, then given up on.
+3. Batch. `judge_many` keeps at most `max_concurrency` requests in flight (a thread pool sharing one client) and turns
+   each sample's `JudgeError` into a `JudgeFailure` carrying the reason, so a batch always finishes with one result
+   per sample, in order. Failures are counted by the caller, never scored as zero here.
+
+The API key is read only from the environment variable the caller names, at construction (a missing key fails
+before any work starts). It is handed to the client, which sends it only as the `Authorization` header; it is kept
+out of every message we build (errors are redacted, since servers sometimes echo the key back) and out of `repr`.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+
+import openai
+from openai.types.chat import ChatCompletion
+from PIL import Image
 
 FULFILMENT_MAX, QUALITY_MAX, PRESERVATION_MAX = 4, 3, 3  # the paper's Table 2 rubric
 
@@ -19,3 +63,355 @@ class Verdict:
     @property
     def total(self) -> float:
         return self.fulfilment + self.quality + self.preservation
+
+
+@dataclass(frozen=True)
+class JudgeFailure:
+    """A sample the judge could not score (API error after retries, or no valid verdict); `reason` says why."""
+
+    reason: str
+
+
+class JudgeError(ValueError):
+    """A judge reply or request failed: malformed JSON, a missing or mistyped field, an API error after retries."""
+
+
+class MissingAPIKeyError(RuntimeError):
+    """The environment variable that should hold a judge's API key is unset or empty."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The rubric (paper, Table 2) and the answer format (ours)
+
+RUBRIC_PROMPT = """You are an expert image quality evaluator. You will be shown two images:
+1. The ORIGINAL image (first image)
+2. The EDITED image (second image)
+Edit Request: "{edit_request}"
+Please evaluate how well the edited image fulfills the edit request compared to the original image.
+Evaluation Criteria:
+1. Request Fulfillment (0–4 points): Did the edit successfully accomplish what was requested?
+- 4: Perfectly fulfills the request
+- 3: Mostly fulfills the request with minor issues
+- 2: Partially fulfills the request
+- 1: Barely fulfills the request
+- 0: Does not fulfill the request
+2. Image Quality (0–3 points): Is the edited image realistic, coherent, and high quality?
+- 3: Excellent quality, looks natural and professional
+- 2: Good quality with minor artifacts or inconsistencies
+- 1: Noticeable quality issues or artifacts
+- 0: Poor quality, obviously edited
+3. Preservation (0–3 points): Are unrelated parts of the image properly preserved?
+- 3: All unrelated areas perfectly preserved
+- 2: Minor changes to unrelated areas
+- 1: Significant unwanted changes
+- 0: Major damage to unrelated areas
+Be strict but fair in your evaluation. A score of 10 means perfect execution in all aspects."""
+
+# Ours: the paper does not give its answer format. The key order matches Verdict's fields.
+ANSWER_FORMAT = (
+    "Answer with a single JSON object and nothing else, in this form: "
+    '{"fulfilment": <integer 0-4>, "quality": <integer 0-3>, "preservation": <integer 0-3>, '
+    '"reason": "<one or two sentences explaining the scores>"}'
+)
+
+SCORE_MAX = {"fulfilment": FULFILMENT_MAX, "quality": QUALITY_MAX, "preservation": PRESERVATION_MAX}
+
+VERDICT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "fulfilment": {"type": "integer", "description": f"Request fulfillment, 0 to {FULFILMENT_MAX}"},
+        "quality": {"type": "integer", "description": f"Image quality, 0 to {QUALITY_MAX}"},
+        "preservation": {"type": "integer", "description": f"Preservation, 0 to {PRESERVATION_MAX}"},
+        "reason": {"type": "string", "description": "One or two sentences explaining the scores"},
+    },
+    "required": ["fulfilment", "quality", "preservation", "reason"],
+    "additionalProperties": False,  # strict mode requires it
+}
+
+# Chat-completions structured output. Strict mode guarantees the keys and types, not the 0-4 / 0-3 bounds.
+RESPONSE_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "edit_verdict", "strict": True, "schema": VERDICT_SCHEMA},
+}
+
+
+def rubric_prompt(request: str) -> str:
+    """The full text a judge reads: the paper's rubric with the edit request filled in, then the answer format."""
+    return RUBRIC_PROMPT.format(edit_request=request) + "\n\n" + ANSWER_FORMAT
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parsing a reply
+
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
+
+
+def _snippet(text: str, limit: int = 200) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def parse_verdict(text: str) -> Verdict:
+    """Parse a judge's JSON reply into a Verdict, clamping out-of-range scores and noting that in `reason`.
+
+    Accepts the bare object or one wrapped in a ```json fence. Raises JudgeError for text that is not a JSON object,
+    a missing field, a score that is not a finite number (booleans and numeric strings are refused) or a reason that
+    is not a string.
+    """
+    stripped = text.strip()
+    fenced = _FENCE.match(stripped)
+    if fenced:
+        stripped = fenced.group(1)
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError as err:
+        raise JudgeError(
+            f"judge reply is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): {_snippet(text)}"
+        ) from None
+    if not isinstance(data, dict):
+        raise JudgeError(f"judge reply is JSON but not an object (got {type(data).__name__}): {_snippet(text)}")
+    missing = [key for key in [*SCORE_MAX, "reason"] if key not in data]
+    if missing:
+        raise JudgeError(f"judge reply lacks field(s) {', '.join(missing)}: {_snippet(text)}")
+
+    scores, clamped = {}, []
+    for key, high in SCORE_MAX.items():
+        value = data[key]
+        # bool is an int subclass in Python; "true" is not a score.
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise JudgeError(f"judge reply field {key!r} must be a number, got {value!r}: {_snippet(text)}")
+        scores[key] = float(min(max(value, 0), high))
+        if scores[key] != value:
+            clamped.append(f"{key} {value} -> {scores[key]:g}")
+    reason = data["reason"]
+    if not isinstance(reason, str):
+        raise JudgeError(f"judge reply field 'reason' must be a string, got {reason!r}: {_snippet(text)}")
+    if clamped:
+        reason = f"{reason} [clamped out-of-range scores: {', '.join(clamped)}]"
+    return Verdict(scores["fulfilment"], scores["quality"], scores["preservation"], reason)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# API judges (GPT-4o, Gemini 2.5 Flash, any OpenAI-compatible server)
+
+
+def png_data_url(image: Image.Image) -> str:
+    """Encode an image as a `data:image/png;base64,...` URL (lossless, so the judge sees exactly our pixels)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def rubric_messages(original: Image.Image, edited: Image.Image, request: str) -> list[dict]:
+    """One user turn: the rubric text, then the ORIGINAL image, then the EDITED image (the order the rubric names)."""
+    content = [
+        {"type": "text", "text": rubric_prompt(request)},
+        {"type": "image_url", "image_url": {"url": png_data_url(original)}},
+        {"type": "image_url", "image_url": {"url": png_data_url(edited)}},
+    ]
+    return [{"role": "user", "content": content}]
+
+
+def reply_text(response: ChatCompletion) -> str:
+    """The text of a chat completion's first choice; JudgeError for a reply with no choices, a refusal or no text."""
+    if not response.choices:
+        raise JudgeError("judge reply has no choices")
+    choice = response.choices[0]
+    if getattr(choice.message, "refusal", None):
+        raise JudgeError(f"judge refused: {_snippet(choice.message.refusal)}")
+    if not choice.message.content:
+        raise JudgeError(f"judge reply has no text (finish_reason={choice.finish_reason!r})")
+    return choice.message.content
+
+
+Sample = tuple[Image.Image, Image.Image, str]  # (original, edited, edit request)
+Progress = Callable[[int], None]  # called with 1 as each sample finishes, e.g. a tqdm bar's `update`
+
+
+class OpenAIJudge:
+    """A judge behind an OpenAI-compatible chat-completions API.
+
+    model: the served model name. base_url: None means the `openai` default (api.openai.com, or $OPENAI_BASE_URL).
+    api_key_env: the environment variable holding the key (read once, here). default_key: used when that variable is
+    unset, only for local servers that check no key (vLLM's convention is "EMPTY"). max_concurrency: requests in
+    flight in `judge_many`. timeout: seconds per HTTP attempt. max_retries: the client's transport retries (see the
+    module docstring). parse_retries: extra requests after a 200 reply that is not a valid verdict.
+    temperature: 0 for the most repeatable scores; None leaves it out (for models that reject it).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        max_concurrency: int = 8,
+        timeout: float = 120,
+        max_retries: int = 5,
+        temperature: float | None = 0.0,
+        parse_retries: int = 2,
+        default_key: str | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        key = os.environ.get(api_key_env) or default_key
+        if not key:
+            raise MissingAPIKeyError(
+                f"judge {model!r} needs an API key in the environment variable {api_key_env}, which is unset or empty"
+            )
+        self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
+        self.max_concurrency, self.timeout, self.max_retries = max_concurrency, timeout, max_retries
+        self.temperature, self.parse_retries = temperature, parse_retries
+        self.name = model if base_url is None else f"{model}@{base_url}"
+        self._secret = key  # kept only to redact it from error text
+        # One client for all threads: its HTTP connection pool is thread-safe.
+        self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
+
+    def __repr__(self) -> str:
+        return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+
+    def judge(self, original: Image.Image, edited: Image.Image, request: str) -> Verdict:
+        """Score one edit. Raises JudgeError (with a redacted, specific reason) when no valid verdict came back."""
+        messages = rubric_messages(original, edited, request)
+        attempts = 1 + self.parse_retries
+        for _ in range(attempts):
+            response = self._create(messages)  # an API failure raises here: the client has already retried it
+            try:
+                return parse_verdict(reply_text(response))
+            except JudgeError as err:  # a 200 reply that is no verdict: ask again
+                last_problem = err
+        raise JudgeError(self._redact(f"{self.name}: no valid verdict in {attempts} replies; last: {last_problem}"))
+
+    def judge_many(self, samples: Sequence[Sample], progress: Progress | None = None) -> list[Verdict | JudgeFailure]:
+        """Score many edits with at most `max_concurrency` requests in flight; one result per sample, in order."""
+        with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="judge") as pool:
+            futures = [pool.submit(self._judge_or_fail, *sample) for sample in samples]
+            if progress is not None:
+                for _ in as_completed(futures):
+                    progress(1)
+            return [future.result() for future in futures]
+
+    def _judge_or_fail(self, original: Image.Image, edited: Image.Image, request: str) -> Verdict | JudgeFailure:
+        try:
+            return self.judge(original, edited, request)
+        except JudgeError as err:
+            return JudgeFailure(str(err))
+
+    def _create(self, messages: list[dict]) -> ChatCompletion:
+        """One chat completion; the client retries transport errors itself, and what is left becomes a JudgeError."""
+        optional = {} if self.temperature is None else {"temperature": self.temperature}
+        try:
+            return self._client.chat.completions.create(
+                model=self.model, messages=messages, response_format=RESPONSE_FORMAT, **optional
+            )
+        except openai.APITimeoutError:
+            problem = f"no reply within the {self.timeout:g} s timeout ({self.max_retries} retries)"
+        except openai.APIConnectionError as err:
+            problem = f"connection failed ({self.max_retries} retries): {err}"
+        except openai.APIStatusError as err:
+            problem = f"HTTP {err.status_code}: {err.message}"
+        # Raised outside the except blocks so the openai error (whose text may echo the key) is not attached as
+        # __context__; servers do echo keys back ("Incorrect API key provided: ..."), hence the redaction.
+        raise JudgeError(self._redact(f"{self.name}: {problem}"))
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "[redacted API key]")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A judge run in-process (an open VLM through transformers)
+
+
+class LocalJudge:
+    """A transformers VLM loaded with `policy.load_policy` and run in this process with greedy decoding.
+
+    Sees the same rubric text and the same two images as the API judges (one user turn: text, original, edited) and
+    parses its answer with `parse_verdict`; a reply that does not parse becomes a JudgeFailure in `judge_many`.
+    """
+
+    def __init__(self, path: str, *, max_new_tokens: int = 256, dtype=None, device=None) -> None:
+        from policy import load_policy  # imported here so that judge.py imports no project module at import time
+
+        self.path, self.max_new_tokens = path, max_new_tokens
+        self.name = f"local:{path}"
+        self.model, self.processor = load_policy(path, dtype=dtype, device=device)
+
+    def __repr__(self) -> str:
+        return f"LocalJudge(path={self.path!r})"
+
+    def generate_text(self, original: Image.Image, edited: Image.Image, request: str) -> str:
+        """The model's raw reply to the rubric for one edit (greedy, at most `max_new_tokens` tokens)."""
+        import torch
+
+        content = [
+            {"type": "text", "text": rubric_prompt(request)},
+            {"type": "image"},  # the ORIGINAL image
+            {"type": "image"},  # the EDITED image
+        ]
+        messages = [{"role": "user", "content": content}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        images = [original.convert("RGB"), edited.convert("RGB")]
+        inputs = self.processor(text=[prompt], images=images, return_tensors="pt").to(self.model.device)
+        with torch.no_grad():
+            sequences = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)  # (1, P+T)
+        completion = sequences[:, inputs["input_ids"].shape[1] :]  # (1, T)
+        return self.processor.batch_decode(completion, skip_special_tokens=True)[0]
+
+    def judge(self, original: Image.Image, edited: Image.Image, request: str) -> Verdict:
+        """Score one edit; raises JudgeError when the reply is not a valid verdict."""
+        text = self.generate_text(original, edited, request)
+        try:
+            return parse_verdict(text)
+        except JudgeError as err:
+            raise JudgeError(f"{self.name}: {err}") from None
+
+    def judge_many(self, samples: Sequence[Sample], progress: Progress | None = None) -> list[Verdict | JudgeFailure]:
+        """Score edits one after another (one model in one process); one result per sample, in order."""
+        results: list[Verdict | JudgeFailure] = []
+        for original, edited, request in samples:
+            try:
+                results.append(self.judge(original, edited, request))
+            except JudgeError as err:
+                results.append(JudgeFailure(str(err)))
+            if progress is not None:
+                progress(1)
+        return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets
+
+GEMINI_OPENAI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"
+
+# The paper's two judges: (model, base_url, key variable).
+PRESETS = {
+    "gpt-4o": ("gpt-4o", None, "OPENAI_API_KEY"),
+    "gemini-2.5-flash": ("gemini-2.5-flash", GEMINI_OPENAI_BASE_URL, "GEMINI_API_KEY"),
+}
+LOCAL_SERVER_KEY_ENV = "JUDGE_API_KEY"
+LOCAL_SERVER_DUMMY_KEY = "EMPTY"  # vLLM's convention for a server started without --api-key
+
+
+def make_judge(spec: str, **kw) -> OpenAIJudge | LocalJudge:
+    """Build a judge from a short spec; keyword arguments go to the judge's constructor.
+
+    "gpt-4o", "gemini-2.5-flash": the paper's judges (keys in OPENAI_API_KEY, GEMINI_API_KEY).
+    "openai:MODEL@URL": any OpenAI-compatible server, e.g. vLLM at http://host:8000/v1. Its key comes from
+    JUDGE_API_KEY; when that is unset the dummy key "EMPTY" is sent, since such servers usually check none.
+    "local:PATH": a VLM run in this process (`LocalJudge`).
+    """
+    if spec in PRESETS:
+        model, base_url, key_env = PRESETS[spec]
+        return OpenAIJudge(model, base_url=base_url, api_key_env=key_env, **kw)
+    if spec.startswith("openai:"):
+        model, _, url = spec.removeprefix("openai:").partition("@")
+        if not model or not url.startswith(("http://", "https://")):
+            raise ValueError(f"judge spec {spec!r} should look like 'openai:MODEL@http://host:port/v1'")
+        kw.setdefault("default_key", LOCAL_SERVER_DUMMY_KEY)
+        return OpenAIJudge(model, base_url=url, api_key_env=LOCAL_SERVER_KEY_ENV, **kw)
+    if spec.startswith("local:"):
+        path = spec.removeprefix("local:")
+        if not path:
+            raise ValueError(f"judge spec {spec!r} should look like 'local:PATH'")
+        return LocalJudge(path, **kw)
+    choices = ", ".join([*PRESETS, "openai:MODEL@URL", "local:PATH"])
+    raise ValueError(f"unknown judge spec {spec!r}; expected one of: {choices}")
