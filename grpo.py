@@ -66,6 +66,7 @@ class Batch:
     old_per_token_logps: torch.Tensor | None = None  # (B, T)
     ref_per_token_logps: torch.Tensor | None = None  # (B, T)
     texts: list[str] = field(default_factory=list)  # decoded completions, for rewards and logs
+    suppress_token_ids: list[int] = field(default_factory=list)  # never sampled; scored as impossible too
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -151,6 +152,7 @@ def sample_group(
     temperature: float = 1.0,
     top_p: float = 1.0,
     eos_token_ids: list[int] | None = None,
+    suppress_token_ids: list[int] | None = None,
     return_sampling_logps: bool = False,
     **generate_kwargs,
 ) -> Batch:
@@ -160,6 +162,7 @@ def sample_group(
     differ from the one `per_token_logps` scores. Returns a Batch of B = N * G rows, rows of one prompt adjacent.
     With `return_sampling_logps`, the log-probs that generation itself used are attached as `old_per_token_logps`
     (tests compare them with `per_token_logps`; training recomputes them in the training precision).
+    `suppress_token_ids` can never be sampled (their logits are -inf); pass the same ids to `per_token_logps`.
     """
     if eos_token_ids is None:
         eos = model.generation_config.eos_token_id
@@ -177,13 +180,17 @@ def sample_group(
         pad_token_id=tokenizer.pad_token_id,
         return_dict_in_generate=True,
         output_scores=return_sampling_logps,
+        suppress_tokens=suppress_token_ids or None,
         **generate_kwargs,
     )
     prompt_len = repeated["input_ids"].shape[1]
     completion_ids = out.sequences[:, prompt_len:]  # (B, T)
     completion_mask = completion_mask_from_eos(completion_ids, eos_token_ids)  # (B, T)
-    texts = tokenizer.batch_decode(completion_ids * completion_mask, skip_special_tokens=True)
-    batch = Batch(prompt=repeated, completion_ids=completion_ids, completion_mask=completion_mask, texts=texts)
+    # decode each row's unmasked tokens only: multiplying by the mask would turn padding into token 0 ("!")
+    texts = [
+        tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)
+    ]
+    batch = Batch(repeated, completion_ids, completion_mask, texts=texts, suppress_token_ids=suppress_token_ids or [])
     if return_sampling_logps:
         scores = torch.stack(out.scores, dim=1).float()  # (B, T, V) logits after temperature, as sampled
         logps = scores.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
@@ -202,7 +209,8 @@ def per_token_logps(model, batch: Batch, temperature: float = 1.0, *, return_ent
     shift; only the last T + 1 positions' logits are materialised (`logits_to_keep`). Logits are divided by the
     sampling temperature and the log-softmax is taken in fp32 (bf16 log-probs are too coarse for ratios near 1).
     `mm_token_type_ids` is extended with zeros over the completion: without it Qwen2.5-VL silently falls back to
-    1-D positions. Positions after a sequence's EOS are scored but masked by the caller.
+    1-D positions. Positions after a sequence's EOS are scored but masked by the caller. Tokens that sampling
+    suppressed (`batch.suppress_token_ids`) get logit -inf here too, so both sides use the same distribution.
     """
     prompt = batch.prompt
     T = batch.completion_ids.shape[1]
@@ -214,6 +222,8 @@ def per_token_logps(model, batch: Batch, temperature: float = 1.0, *, return_ent
         extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], zeros], dim=1)  # (B, P + T)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, **extra).logits
     logits = logits[:, :-1, :].float() / temperature  # (B, T, V) position P-1+t predicts completion token t
+    if batch.suppress_token_ids:
+        logits[..., batch.suppress_token_ids] = float("-inf")  # (B, T, V) as generate's SuppressTokensLogitsProcessor
     logps = logits.log_softmax(-1)  # (B, T, V)
     token_logps = logps.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
     if not return_entropy:

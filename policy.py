@@ -182,6 +182,16 @@ def eos_token_ids(processor: transformers.ProcessorMixin) -> list[int]:
     return [_token_id(processor, IM_END), _token_id(processor, END_OF_TEXT)]
 
 
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
+
+
+def vision_token_ids(processor: transformers.ProcessorMixin) -> list[int]:
+    """Ids of the image/video placeholder tokens the tokenizer has. A completion must never contain them: scoring it
+    with the image inputs would count one image token too many ("Image features and image tokens do not match")."""
+    vocab = processor.tokenizer.get_vocab()
+    return [vocab[t] for t in VISION_TOKENS if t in vocab]
+
+
 def pad_token_id(processor: transformers.ProcessorMixin) -> int:
     """The tokenizer's padding id (Qwen pads with <|endoftext|>)."""
     pad = processor.tokenizer.pad_token_id
