@@ -164,12 +164,21 @@ def load_policy(
 
 
 def save_policy(
-    model: transformers.PreTrainedModel, processor: transformers.ProcessorMixin, out_dir: str | Path
+    model: transformers.PreTrainedModel,
+    processor: transformers.ProcessorMixin,
+    out_dir: str | Path,
+    *,
+    original_format: bool = True,
 ) -> Path:
-    """Save weights (safetensors), generation config and processor so that load_policy(out_dir) restores them."""
+    """Save weights (safetensors), generation config and processor so that load_policy(out_dir) restores them.
+
+    original_format=False writes the parameter names of the live modules instead of the hub checkpoints' legacy
+    layout. train.py needs it under ZeRO-3, where transformers 5.24 reverts the layout wrongly (it writes
+    "model.language_model.model.*"); both layouts load with from_pretrained.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)  # transformers 5 always writes safetensors
+    model.save_pretrained(out_dir, save_original_format=original_format)  # transformers 5 always writes safetensors
     processor.save_pretrained(out_dir)  # the image-only processors write the stock class name themselves
     return out_dir
 

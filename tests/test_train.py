@@ -1,0 +1,169 @@
+"""train.py end to end on the tiny policies: ZeRO-2/3 with two CPU processes, split invariance, resume, learning,
+and the data errors. The scripts run in subprocesses, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import policy
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "data" / "example" / "train.jsonl"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+
+METRIC_KEYS = {
+    "step", "reward_mean", "reward_std", "format_mean", "action_mean", "subject_mean", "goal_mean", "goal_std",
+    "zero_spread_frac", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "completion_len", "entropy",
+    "grad_norm", "lr", "time/generate", "time/reward", "time/logps", "time/update", "tokens_per_s",
+}  # fmt: skip
+
+
+def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout
+    )  # fmt: skip
+    return proc
+
+
+def train(model: Path, out: Path, *extra: str, gpus: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    args = ["train.py", "--gpus", str(gpus), "--model", str(model), "--train-data", str(EXAMPLE),
+            "--eval-size", "8", "--output-dir", str(out), "--prompts-per-step", "4", "--group-size", "4",
+            "--max-new-tokens", "32", "--micro-batch-size", "4", "--lr", "1e-3", *extra]  # fmt: skip
+    proc = run(args, timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------ distributed runs
+
+
+@pytest.mark.parametrize("stage,arch", [(2, "qwen2_5_vl"), (3, "qwen3_vl")])
+def test_two_process_zero_run_exports_a_loadable_policy(stage, arch, tiny_models, tmp_path):
+    # ZeRO-3 with tiny live-parameter limits really releases parameters: the setting that exposes the generation bug
+    out = tmp_path / f"z{stage}"
+    train(tiny_models[arch], out, "--zero-stage", str(stage), "--zero3-live-parameters", "100",
+          "--max-steps", "2", "--eval-every", "2", "--save-every", "1", gpus=2)  # fmt: skip
+    model, processor = policy.load_policy(str(out / "policy"))
+    assert model.config.model_type == arch
+    # the export holds the trained weights under the names from_pretrained expects: a key it did not recognise would
+    # be re-initialised at random, far further from the start than two small steps
+    start = policy.load_policy(str(tiny_models[arch]))[0].state_dict()
+    moved = max_diff(model.state_dict(), start)
+    assert 0 < moved < 0.05, moved
+    assert (out / "exports" / "step_1" / "model.safetensors").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert METRIC_KEYS <= records[0].keys()
+    assert "eval/reward" in records[1]
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_update_is_independent_of_world_size_and_micro_batches(aggregation, tiny_qwen25, tmp_path):
+    outs = {}
+    for world, micro in [(1, 8), (1, 2), (2, 4), (2, 1)]:
+        out = tmp_path / f"w{world}m{micro}"
+        proc = run(["tests/dist_update.py", str(tiny_qwen25), str(out), "--world", str(world), "--micro", str(micro),
+                    "--aggregation", aggregation])  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[(world, micro)] = (weights(out / "policy"), json.loads((out / "stats.json").read_text()))
+    base, base_stats = outs[(1, 8)]
+    assert max_diff(base, weights(tiny_qwen25)) > 1e-4, "the update must move the weights for the test to mean much"
+    for key, (w, stats) in outs.items():
+        # Adam's first step is nearly scale-free, so the gradient norm checks the scale and the weights the direction
+        assert stats["grad_norm"] == pytest.approx(base_stats["grad_norm"], rel=1e-5), key
+        assert max_diff(base, w) < 1e-5, key
+
+
+def test_resumed_run_matches_uninterrupted_run(tiny_qwen25, tmp_path):
+    common = ["--eval-every", "0", "--save-every", "2", "--beta", "0.05"]
+    full = tmp_path / "full"
+    train(tiny_qwen25, full, "--max-steps", "4", *common)
+    part = tmp_path / "part"
+    train(tiny_qwen25, part, "--max-steps", "2", *common)  # stands in for a run killed after its step-2 checkpoint
+    (part / "metrics.jsonl").open("a").write(json.dumps({"step": 3, "junk": True}) + "\n")  # a step lost in the kill
+    proc = train(tiny_qwen25, part, "--max-steps", "4", "--resume", *common)
+    assert "resumed from step 2" in proc.stdout
+    assert max_diff(weights(full / "policy"), weights(part / "policy")) < 1e-6
+    steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    full_rewards = [json.loads(x)["reward_mean"] for x in (full / "metrics.jsonl").read_text().splitlines()]
+    part_rewards = [json.loads(x)["reward_mean"] for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert full_rewards == part_rewards
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+
+
+def _write_lines(tmp_path: Path, lines: list[str]) -> Path:
+    (tmp_path / "ok.png").write_bytes((EXAMPLE.parent / _first_image()).read_bytes())
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    path = tmp_path / "rl.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _first_image() -> str:
+    return json.loads(EXAMPLE.read_text().splitlines()[0])["image"]
+
+
+GOOD = {"id": "a", "image": "ok.png", "request": "make it blue", "actions": ["recolor"], "subjects": ["circle"],
+        "goals": ["blue"]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "line,field,message",
+    [
+        ("{not json", None, "bad JSON"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "goals"}), "goals", "missing"),
+        (json.dumps({**GOOD, "subjects": []}), "subjects", "empty"),
+        (json.dumps({**GOOD, "subjects": [" ", "..."]}), "subjects", "empty"),
+        (json.dumps({**GOOD, "actions": "recolor"}), "actions", "list of strings"),
+        (json.dumps({**GOOD, "image": "missing.png"}), "image", "not found"),
+        (json.dumps({**GOOD, "image": "bad.png"}), "image", "unreadable"),
+        (json.dumps(GOOD), "id", "duplicate"),
+    ],
+)
+def test_bad_lines_name_file_line_and_field(tmp_path, line, field, message):
+    path = _write_lines(tmp_path, [json.dumps(GOOD), line])
+    with pytest.raises(data.DataError) as err:
+        data.load_rl_jsonl(path)
+    text = str(err.value)
+    assert f"{path}:2" in text and message in text
+    if field:
+        assert repr(field) in text
+
+
+def test_train_cli_reports_bad_data_and_missing_model(tmp_path):
+    path = _write_lines(tmp_path, [json.dumps(GOOD), json.dumps({**GOOD, "id": "b", "image": "bad.png"})])
+    proc = run(["train.py", "--train-data", str(path), "--eval-size", "1"])
+    assert proc.returncode == 2 and f"{path}:2: field 'image'" in proc.stderr
+    proc = run(["train.py", "--model", str(tmp_path / "no_such_model"), "--train-data", str(EXAMPLE),
+                "--eval-size", "8", "--gpus", "0", "--prompts-per-step", "4", "--micro-batch-size", "4"])  # fmt: skip
+    assert proc.returncode == 2 and "no_such_model" in proc.stderr and "tiny.py" in proc.stderr
+
+
+def test_help_documents_every_flag():
+    proc = run(["train.py", "--help"])
+    assert proc.returncode == 0
+    import train
+
+    for name in train.Args.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in proc.stdout

@@ -1,0 +1,550 @@
+"""GRPO training of ImageEdit-R1's decomposition agent under DeepSpeed ZeRO (paper §2.2, §3.1).
+
+    python train.py --gpus 8                                   # the paper's run: Qwen2.5-VL-7B-Instruct, G = 8
+    python train.py --gpus 0 --model tiny/qwen2_5_vl ...       # the same file on a CPU, one process
+    python train.py --gpus 2 --zero-stage 3 ...                # two processes (GPUs, or CPU processes with gloo)
+
+One step, top to bottom (see `main`):
+    1. rollout:    each rank samples G completions for each of its prompts (all G of a prompt stay on one rank)
+    2. reward:     format + set-F1 of actions, subjects, goals against the gold labels (rewards.py)
+    3. advantage:  group-normalised within each prompt's G samples (grpo.group_advantages): no reward crosses ranks
+    4. log-probs:  old policy (only when it differs from the current one) and the frozen reference policy
+    5. update:     mu epochs over mini-batches, each split into micro-batches with gradient accumulation
+    6. log, evaluate on the held-out split every k steps, checkpoint, export a from_pretrained folder
+
+Distributed: `--gpus N` re-launches this script under torchrun when it is not already under a launcher. Every
+collective is in this file and marked `# collective`. The loss of every micro-batch is divided by a denominator
+summed over the whole global batch, then multiplied by (gradient-accumulation steps x world size), because DeepSpeed
+divides by the former and averages over the latter: the update does not depend on how the batch is split.
+Sampling is reseeded from (seed, step, rank) at every step and the data order is a function of (seed, step), so a
+resumed run repeats exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+import agents
+import data
+import grpo
+import policy
+import rewards
+from cli import arg, parse_dataclass_args
+
+PAPER_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+@dataclass
+class Args:
+    """GRPO training of the decomposition agent. Defaults are the paper's setting; `(ours)` marks values the paper's
+    text lost, filled with the common GRPO practice for Qwen2.5-VL-7B (shared/papers/README.md)."""
+
+    # model and data
+    model: str = arg(PAPER_MODEL, "policy to train: hub id, local path, or a tiny model from `python tiny.py DIR`")
+    ref_model: str | None = arg(None, "frozen reference policy for the KL term (default: the same as --model)")
+    train_data: str = arg("data/rl/train.jsonl", "RL examples in the JSONL format of data.py")
+    eval_data: str | None = arg(None, "held-out examples (JSONL); default: hold out --eval-size examples of train")
+    eval_size: int = arg(64, "examples held out of --train-data when --eval-data is not given (ours)")
+    output_dir: str = arg("runs/grpo", "metrics, samples, checkpoints and the exported policy go here")
+    # GRPO (symbols of DeepSeekMath's eq. 3)
+    group_size: int = arg(8, "G: completions sampled per prompt (paper: 8)")
+    prompts_per_step: int = arg(128, "prompts per step over all ranks; B = prompts_per_step * G sequences (ours)")
+    temperature: float = arg(1.0, "sampling temperature; log-probs use the same (ours)")
+    top_p: float = arg(1.0, "nucleus sampling threshold; 1 keeps the full distribution (ours)")
+    max_new_tokens: int = arg(256, "longest completion in tokens (ours)")
+    lr: float = arg(1e-6, "AdamW learning rate, constant after warm-up (ours)")
+    warmup_steps: int = arg(0, "linear learning-rate warm-up steps (ours)")
+    weight_decay: float = arg(1e-2, "AdamW weight decay (ours)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (ours)")
+    clip_eps_low: float = arg(0.2, "epsilon_low: ratio clipped below at 1 - eps_low (ours)")
+    clip_eps_high: float = arg(0.2, "epsilon_high: ratio clipped above at 1 + eps_high; DAPO uses 0.28 (ours)")
+    beta: float = arg(0.01, "beta: weight of the k3 KL penalty to the reference policy; 0 drops the reference (ours)")
+    aggregation: Literal["sequence", "token", "constant"] = arg("sequence", "loss aggregation (see grpo.py)")
+    adv_scale: Literal["group", "none"] = arg("group", "divide advantages by the group std ('none': Dr. GRPO)")
+    mu: int = arg(1, "mu: passes (epochs) over each step's rollouts (DeepSeekMath's mu; 1 = on-policy)")
+    mini_batches: int = arg(1, "optimizer updates per pass: the step's rollouts are split into this many parts")
+    micro_batch_size: int = arg(4, "sequences per forward/backward on one rank (gradient accumulation covers the rest)")
+    # reward
+    w_format: float = arg(1.0, "weight of the format reward in the mean")
+    w_action: float = arg(1.0, "weight of the action F1 reward")
+    w_subject: float = arg(1.0, "weight of the subject F1 reward")
+    w_goal: float = arg(1.0, "weight of the goal F1 reward")
+    use_goal: bool = arg(True, "include the goal reward (--no-use-goal: the paper's 'without goal' ablation)")
+    # schedule
+    epochs: int = arg(3, "passes over the training data (the paper's data ablation trains three epochs)")
+    max_steps: int | None = arg(None, "stop after this many steps (overrides --epochs)")
+    eval_every: int = arg(10, "k: evaluate the held-out split every k steps (greedy decoding); 0 disables")
+    save_every: int = arg(50, "save a resumable checkpoint and export the policy every this many steps; 0: end only")
+    keep_checkpoints: int = arg(2, "resumable checkpoints kept on disk (older ones are deleted)")
+    samples_every: int = arg(10, "write a few sampled decompositions to samples.jsonl every this many steps")
+    resume: bool = arg(False, "continue from the last checkpoint in --output-dir")
+    seed: int = arg(0, "seed of the data order, sampling and initialisation")
+    # hardware
+    gpus: int | None = arg(None, "processes to run: GPUs, or CPU processes with gloo when there is no GPU "
+                                 "(default: all visible GPUs, else one CPU process); 0 = one CPU process")  # fmt: skip
+    zero_stage: int = arg(2, "DeepSpeed ZeRO stage: 2 (shard optimizer state and gradients) or 3 (also parameters)")
+    offload_optimizer: bool = arg(False, "keep optimizer state in CPU memory (ZeRO-Offload)")
+    bf16: bool | None = arg(None, "bf16 weights and compute (default: on with a GPU, off on CPU)")
+    freeze_vision: bool = arg(False, "freeze the vision tower (only the language model and merger train)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
+    gather_for_generation: bool = arg(True, "ZeRO-3: gather full weights once for generation (fast); "
+                                            "--no-gather-for-generation uses generate(synced_gpus=True)")  # fmt: skip
+    zero3_live_parameters: int | None = arg(None, "ZeRO-3 stage3_max_live_parameters / max_reuse_distance / "
+                                                  "prefetch_bucket_size (tests set tiny values to release eagerly)")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- distributed
+
+
+def launch_if_needed(args: Args) -> None:
+    """Re-run this script under torchrun with N processes, unless a launcher already started us."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    n = args.gpus if args.gpus is not None else torch.cuda.device_count()
+    if n <= 1:  # one process: torch.distributed still wants the launcher's variables
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # N CPU processes with the default threads each crawl
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *sys.argv]
+    os.execv(sys.executable, cmd)
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*a, **k, flush=True)
+
+
+def deepspeed_config(args: Args, world_size: int, grad_accum: int, bf16: bool) -> dict:
+    """The DeepSpeed config, built from Args so it can never drift from the CLI."""
+    zero: dict = {"stage": args.zero_stage, "overlap_comm": False}
+    if args.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if args.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if args.zero3_live_parameters is not None:
+            n = args.zero3_live_parameters
+            zero.update(stage3_max_live_parameters=n, stage3_max_reuse_distance=n, stage3_prefetch_bucket_size=n,
+                        stage3_param_persistence_threshold=0)  # fmt: skip
+    return {
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": args.micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": args.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def reference_config(train_config: dict) -> dict:
+    """The frozen reference model: ZeRO-3 shards it like the policy; under ZeRO-2 it is simply replicated."""
+    zero = {k: v for k, v in train_config["zero_optimization"].items() if not k.startswith("offload")}
+    return {**train_config, "zero_optimization": zero}
+
+
+@contextmanager
+def generation_model(engine, args: Args):
+    """The module to call `generate` on. ZeRO-3 with different-length sequences per rank needs care: either gather
+    all weights once and drop the per-layer fetch hooks (fast), or keep them and sync ranks every token."""
+    if args.zero_stage == 3 and args.gather_for_generation:
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(engine):
+            yield engine.module, {}
+    elif args.zero_stage == 3:
+        yield engine.module, {"synced_gpus": True}
+    else:
+        yield engine.module, {}
+
+
+def global_sum(values: list[float], device) -> list[float]:
+    """Sum a few scalars over all ranks (one collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)  # collective
+    return t.tolist()
+
+
+def batch_layout(args: Args, world: int) -> tuple[int, int]:
+    """Prompts per rank per step, and micro-batches per optimizer update (DeepSpeed's gradient accumulation)."""
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be divisible by the {world} processes")
+    local_prompts = args.prompts_per_step // world
+    seqs = local_prompts * args.group_size  # sequences per rank per step
+    if seqs % args.mini_batches or (seqs // args.mini_batches) % args.micro_batch_size:
+        raise SystemExit(
+            f"{seqs} sequences per rank per step must split into --mini-batches {args.mini_batches} "
+            f"of whole micro-batches of --micro-batch-size {args.micro_batch_size}"
+        )
+    return local_prompts, seqs // args.mini_batches // args.micro_batch_size
+
+
+def build_engines(args: Args, world: int, grad_accum: int, bf16: bool, device):
+    """The policy under DeepSpeed (with AdamW and a constant schedule after warm-up) and the frozen reference."""
+    import deepspeed
+
+    ds_config = deepspeed_config(args, world, grad_accum, bf16)
+    if args.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        build_engines.hf_ds_config = HfDeepSpeedConfig(ds_config)  # must stay alive: from_pretrained reads it
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(args.seed)
+    model, processor = policy.load_policy(args.model, dtype=dtype)
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    warmup = max(args.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    engine.train()
+    ref_model = None
+    if args.beta != 0.0:
+        ref, _ = policy.load_policy(args.ref_model or args.model, dtype=dtype)
+        ref.requires_grad_(False)
+        if args.zero_stage == 3:
+            ref_model, *_ = deepspeed.initialize(model=ref, config=reference_config(ds_config))
+        else:
+            ref_model = ref.to(device)
+        ref_model.eval()
+    return engine, ref_model, processor, scheduler
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+def split_data(args: Args) -> tuple[list[data.RLExample], list[data.RLExample]]:
+    """Validated train and held-out examples (held out from train by a seeded draw when no --eval-data)."""
+    train = data.load_rl_jsonl(args.train_data)
+    if args.eval_data:
+        return train, data.load_rl_jsonl(args.eval_data)
+    if len(train) <= args.eval_size:
+        raise data.DataError(f"{args.train_data}: {len(train)} examples; need more than --eval-size {args.eval_size}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 7919)).tolist()
+    held = set(order[: args.eval_size])
+    return [e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held]
+
+
+def prompts_for_step(n_examples: int, step: int, prompts_per_step: int, seed: int) -> list[int]:
+    """Example indices of one global step: consecutive slices of a fresh seeded permutation per epoch."""
+    per_epoch = n_examples // prompts_per_step
+    epoch, k = divmod(step, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return order[k * prompts_per_step : (k + 1) * prompts_per_step]
+
+
+def encode(processor, examples: list[data.RLExample]):
+    images = [e.load_image() for e in examples]
+    texts = [agents.decomposition_prompt(e.request) for e in examples]
+    return policy.encode_prompts(processor, images, texts, system=agents.DECOMPOSITION_SYSTEM)
+
+
+def to_device(prompt: dict, device) -> dict:
+    return {k: v.to(device) for k, v in prompt.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- GRPO pieces
+
+
+def score_rewards(texts: list[str], golds: list[rewards.Decomposition], args: Args) -> list[rewards.RewardBreakdown]:
+    """The decomposition agent's reward (rewards.py), one breakdown per completion."""
+    weights = dict(w_format=args.w_format, w_action=args.w_action, w_subject=args.w_subject, w_goal=args.w_goal)
+    return [rewards.decomposition_reward(t, g, use_goal=args.use_goal, **weights) for t, g in zip(texts, golds)]
+
+
+@torch.no_grad()
+def batched_logps(model, batch: grpo.Batch, args: Args) -> torch.Tensor:
+    """grpo.per_token_logps over micro-batches, without gradients: (B, T)."""
+    parts = [
+        grpo.per_token_logps(model, mb, args.temperature)
+        for mb in grpo.split_micro_batches(batch, _n_micro(batch, args))
+    ]
+    return torch.cat(parts)  # (B, T)
+
+
+def _n_micro(batch: grpo.Batch, args: Args) -> int:
+    return math.ceil(len(batch) / args.micro_batch_size)
+
+
+def update_policy(engine, batch: grpo.Batch, args: Args, world_size: int, device) -> dict[str, float]:
+    """mu passes over the rollouts; each pass is `mini_batches` optimizer steps of accumulated micro-batches.
+
+    Each mini-batch's loss denominator is summed over ranks (the mini-batch is global), and every micro-batch loss is
+    scaled by (micro-batches per update x world size) to undo DeepSpeed's division by gradient-accumulation steps and
+    its average over ranks. The result is the gradient of the global mini-batch's loss, however it is split.
+    """
+    sums: dict[str, float] = {}
+    n_updates = 0
+    for _ in range(args.mu):
+        for mini in grpo.split_micro_batches(batch, args.mini_batches):
+            (denominator,) = global_sum(
+                [grpo.loss_denominator(mini.completion_mask, args.aggregation, args.max_new_tokens)], device
+            )  # collective
+            if args.aggregation == "sequence":
+                denominator = float(len(mini) * world_size)  # sequence counts are equal on every rank
+            micro_batches = grpo.split_micro_batches(mini, _n_micro(mini, args))
+            for mb in micro_batches:
+                logps, entropy = grpo.per_token_logps(engine, mb, args.temperature, return_entropy=True)  # (b, T)
+                old = mb.old_per_token_logps if mb.old_per_token_logps is not None else logps.detach()
+                loss, metrics = grpo.grpo_loss(
+                    logps, old, mb.ref_per_token_logps, mb.advantages, mb.completion_mask,
+                    clip_eps_low=args.clip_eps_low, clip_eps_high=args.clip_eps_high, beta=args.beta,
+                    aggregation=args.aggregation, max_completion_length=args.max_new_tokens, denominator=denominator,
+                )  # fmt: skip
+                engine.backward(loss * len(micro_batches) * world_size)  # collective (gradient reduction)
+                engine.step()  # steps the optimizer only at the accumulation boundary
+                mask = mb.completion_mask.float()
+                metrics["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+                metrics["loss"] = float(loss.detach())
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * (metrics["tokens"] if k not in ("loss", "tokens") else 1.0)
+            n_updates += 1
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(engine.get_global_grad_norm() or 0.0)
+    tokens = max(sums.pop("tokens"), 1.0)
+    out = {k: v / tokens for k, v in sums.items() if k not in ("loss", "grad_norm")}
+    out["loss"] = sums["loss"]
+    out["grad_norm"] = sums["grad_norm"] / max(n_updates, 1)
+    return out
+
+
+@torch.no_grad()
+def evaluate(engine, processor, examples: list[data.RLExample], args: Args, rank: int, world: int, device) -> dict:
+    """Greedy decompositions of this rank's share of the held-out split; mean of each reward component over all."""
+    mine = examples[rank::world]
+    totals = np.zeros(6)
+    with generation_model(engine, args) as (model, gen_kwargs):
+        for i in range(0, max(len(mine), 1), args.micro_batch_size):
+            chunk = mine[i : i + args.micro_batch_size]
+            prompt = to_device(encode(processor, chunk), device) if chunk else None
+            texts = []
+            if chunk:
+                out = model.generate(**prompt, do_sample=False, max_new_tokens=args.max_new_tokens,
+                                     eos_token_id=policy.eos_token_ids(processor),
+                                     pad_token_id=policy.pad_token_id(processor), **gen_kwargs)  # fmt: skip
+                completion = out[:, prompt["input_ids"].shape[1] :]
+                mask = grpo.completion_mask_from_eos(completion, policy.eos_token_ids(processor))
+                texts = [processor.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion, mask)]
+            for r in score_rewards(texts, [e.gold for e in chunk], args):
+                totals += [r.total, r.format, r.action, r.subject, r.goal, 1]
+    sums = global_sum(totals.tolist(), device)  # collective
+    n = max(sums[5], 1)
+    names = ["reward", "format", "action", "subject", "goal"]
+    return {f"eval/{k}": sums[i] / n for i, k in enumerate(names)}
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+def export_policy(engine, processor, out_dir: Path, args: Args, rank: int) -> None:
+    """A plain from_pretrained folder (safetensors + processor); under ZeRO-3 the shards are gathered first."""
+    if args.zero_stage == 3:
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters(list(engine.module.parameters()), modifier_rank=None):  # collective
+            if rank == 0:
+                policy.save_policy(engine.module, processor, out_dir, original_format=False)
+    elif rank == 0:
+        policy.save_policy(engine.module, processor, out_dir)
+    torch.distributed.barrier()  # collective: nobody reads the folder before it is complete
+
+
+def save_checkpoint(engine, processor, step: int, args: Args, rank: int) -> None:
+    ckpt_dir = Path(args.output_dir) / "checkpoints"
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step}", client_state={"step": step})  # collective
+    export_policy(engine, processor, Path(args.output_dir) / "exports" / f"step_{step}", args, rank)
+    if rank == 0:  # keep the newest few resumable checkpoints
+        tags = sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+        for old in tags[: -args.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from, so a resumed run never duplicates a step."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """All randomness of a step is a function of (seed, step, rank): resuming needs no saved RNG state."""
+    s = (seed * 1_000_003 + step * 1009 + rank) % 2**31
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> None:
+    args = parse_dataclass_args(Args, argv)
+    train_set, eval_set = split_data(args)  # every line is validated before any process or model starts
+    launch_if_needed(args)
+    import deepspeed  # imported late: it is slow to import and the launcher parent does not need it
+
+    use_cuda = torch.cuda.is_available() and args.gpus != 0
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    bf16 = use_cuda if args.bf16 is None else args.bf16
+    out_dir = Path(args.output_dir)
+
+    # ---- batch layout and models
+    if len(train_set) < args.prompts_per_step:
+        raise SystemExit(f"{args.train_data}: {len(train_set)} training examples < --prompts-per-step")
+    local_prompts, grad_accum = batch_layout(args, world)
+    steps_per_epoch = len(train_set) // args.prompts_per_step
+    total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    engine, ref_model, processor, scheduler = build_engines(args, world, grad_accum, bf16, device)
+
+    # ---- resume
+    start_step = 0
+    if args.resume:
+        ckpt_dir = out_dir / "checkpoints"
+        if not (ckpt_dir / "latest").exists():
+            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+        _, client_state = engine.load_checkpoint(str(ckpt_dir))  # collective
+        start_step = client_state["step"]
+        if rank == 0:
+            for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+                truncate_jsonl(out_dir / name, start_step)
+        print0(f"resumed from step {start_step}")
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        print0(f"{len(train_set)} train / {len(eval_set)} held-out examples, {world} process(es) on {device}, "
+               f"{total_steps} steps of {args.prompts_per_step} prompts x G={args.group_size}")  # fmt: skip
+
+    eos_ids = policy.eos_token_ids(processor)
+    vision_ids = policy.vision_token_ids(processor)  # never sampled: an image token in a completion breaks scoring
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
+
+    for step in range(start_step, total_steps):
+        seed_step(args.seed, step, rank)
+        timings: dict[str, float] = {}
+        idx = prompts_for_step(len(train_set), step, args.prompts_per_step, args.seed)
+        examples = [train_set[i] for i in idx[rank * local_prompts : (rank + 1) * local_prompts]]
+
+        # 1. rollout: G samples per prompt
+        t = time.perf_counter()
+        prompt = to_device(encode(processor, examples), device)
+        engine.eval()
+        with generation_model(engine, args) as (gen_model, gen_kwargs):
+            batch = grpo.sample_group(
+                gen_model, processor, prompt, args.group_size, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, eos_token_ids=eos_ids,
+                suppress_token_ids=vision_ids, **gen_kwargs,
+            )  # fmt: skip
+        engine.train()
+        timings["generate"] = time.perf_counter() - t
+
+        # 2. rewards and 3. advantages (a prompt's G samples are all on this rank)
+        t = time.perf_counter()
+        golds = [e.gold for e in examples for _ in range(args.group_size)]
+        breakdowns = score_rewards(batch.texts, golds, args)
+        total = torch.tensor([r.total for r in breakdowns])  # (B,)
+        batch.advantages = grpo.group_advantages(total, args.group_size, args.adv_scale).to(device)  # (B,)
+        timings["reward"] = time.perf_counter() - t
+
+        # 4. log-probs of the old policy (only needed when the policy moves within the step) and the reference
+        t = time.perf_counter()
+        if args.mu > 1 or args.mini_batches > 1:
+            batch.old_per_token_logps = batched_logps(engine, batch, args)  # (B, T)
+        if ref_model is not None:
+            batch.ref_per_token_logps = batched_logps(ref_model, batch, args)  # (B, T)
+        timings["logps"] = time.perf_counter() - t
+
+        # 5. update
+        t = time.perf_counter()
+        stats = update_policy(engine, batch, args, world, device)
+        timings["update"] = time.perf_counter() - t
+
+        # 6. log: reward components and spreads over the global batch
+        comps = np.array([[r.total, r.format, r.action, r.subject, r.goal] for r in breakdowns])  # (B, 5)
+        groups = total.view(-1, args.group_size)
+        zero_spread = float(((groups.max(1).values - groups.min(1).values) <= grpo.EQUAL_TOL).sum())
+        gen_tokens = float(batch.completion_mask.sum())
+        local = [*comps.sum(0), *(comps**2).sum(0), len(breakdowns), zero_spread, len(examples), gen_tokens]
+        local += [stats[k] * gen_tokens for k in ("kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "entropy")]
+        g = global_sum(local, device)  # collective
+        n, tok = g[10], max(g[13], 1.0)
+        names = ["reward", "format", "action", "subject", "goal"]
+        record = {"step": step + 1}
+        for i, k in enumerate(names):
+            mean = g[i] / n
+            record[f"{k}_mean"] = mean
+            record[f"{k}_std"] = math.sqrt(max(g[5 + i] / n - mean**2, 0.0))
+        record["zero_spread_frac"] = g[11] / g[12]
+        for i, k in enumerate(["kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "entropy"]):
+            record[k] = g[14 + i] / tok
+        record["completion_len"] = tok / n
+        record["grad_norm"] = stats["grad_norm"]
+        record["lr"] = scheduler.get_last_lr()[0]
+        record.update({f"time/{k}": v for k, v in timings.items()})
+        record["tokens_per_s"] = tok / max(sum(timings.values()), 1e-9)
+        record["gen_tokens_per_s"] = tok / max(timings["generate"], 1e-9)
+
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+            engine.eval()
+            record.update(evaluate(engine, processor, eval_set, args, rank, world, device))
+            engine.train()
+
+        if rank == 0:
+            with (out_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if args.samples_every and (step + 1) % args.samples_every == 0:
+                with (out_dir / "samples.jsonl").open("a") as f:
+                    for e, j in ((e, i * args.group_size) for i, e in enumerate(examples[:2])):
+                        f.write(json.dumps({"step": step + 1, "id": e.id, "request": e.request,
+                                            "completion": batch.texts[j], "reward": breakdowns[j].total}) + "\n")  # fmt: skip
+            progress.update(1)
+            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.4f}",
+                                 len=f"{record['completion_len']:.0f}")  # fmt: skip
+
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(engine, processor, step + 1, args, rank)
+
+    save_checkpoint(engine, processor, total_steps, args, rank)
+    export_policy(engine, processor, out_dir / "policy", args, rank)
+    if progress is not None:
+        progress.close()
+    print0(f"exported the trained policy to {out_dir / 'policy'}")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, policy.PolicyNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
