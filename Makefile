@@ -28,5 +28,9 @@ format: $(STAMP)
 	.venv/bin/ruff check --fix .
 	.venv/bin/ruff format .
 
+# GRPO step benchmark: tiny policy on CPU, the full-size Qwen2.5-VL-7B architecture (random weights) on a GPU.
+bench: $(STAMP)
+	$(PY) bench.py
+
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .hypothesis runs
