@@ -5,11 +5,16 @@ reward spread and nothing to learn from. A few dozen cross-entropy steps on rend
 (`rewards.render_decomposition`) of a slice of the training data teach it the format and some content. Keep it short:
 the point of the miniature is that RL, not this step, closes most of the gap.
 
+When the data lines carry "subrequests" (the shapes world writes them), every batch also teaches the SEQUENCING agent:
+the same model learns to turn the gold actions, subjects and goals into `<steps>1. ...</steps>`. The paper's
+sequencing agent is the instruction-tuned base model, never trained; this warm-up stands in for that tuning.
+
     python warmup.py --model tiny/qwen2_5_vl --train-data data/example/train.jsonl --out runs/warm --steps 60
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
@@ -43,9 +48,38 @@ def target_text(example: data.RLExample) -> str:
     return rewards.render_decomposition(think, g.actions, g.subjects, g.goals)
 
 
+def steps_text(subrequests: list[str]) -> str:
+    """The sequencing agent's target: the gold sub-requests as a numbered list in <steps> (agents.parse_steps)."""
+    return "<steps>\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(subrequests, 1)) + "\n</steps>"
+
+
+def read_subrequests(path: str) -> dict[str, list[str]]:
+    """id -> gold sub-requests, for lines that have them (data.load_rl_jsonl has already validated the file)."""
+    out = {}
+    for line in open(path, encoding="utf-8"):
+        if line.strip():
+            obj = json.loads(line)
+            if obj.get("subrequests"):
+                out[obj["id"]] = obj["subrequests"]
+    return out
+
+
+def supervised_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[str]]):
+    """(image, system, prompt, target) for each example's decomposition and, where known, its sequencing."""
+    pairs = []
+    for e in chunk:
+        image = e.load_image()
+        pairs.append((image, agents.DECOMPOSITION_SYSTEM, agents.decomposition_prompt(e.request), target_text(e)))
+        if e.id in subrequests:
+            prompt = agents.sequencing_prompt(e.request, e.gold)
+            pairs.append((image, agents.SEQUENCING_SYSTEM, prompt, steps_text(subrequests[e.id])))
+    return pairs
+
+
 def main(argv=None) -> None:
     args = parse_dataclass_args(Args, argv)
     examples = data.load_rl_jsonl(args.train_data)[: args.max_examples]
+    subrequests = read_subrequests(args.train_data)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     model, processor = policy.load_policy(args.model, dtype=torch.float32)
@@ -53,14 +87,15 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     for step in range(args.steps):
         chunk = rng.sample(examples, min(args.batch_size, len(examples)))
-        batch = policy.encode_supervised(
-            processor,
-            [e.load_image() for e in chunk],
-            [agents.decomposition_prompt(e.request) for e in chunk],
-            [target_text(e) for e in chunk],
-            system=agents.DECOMPOSITION_SYSTEM,
-        )
-        loss = model(**batch).loss  # next-token cross-entropy on the target tokens only (labels mask the prompt)
+        loss = 0.0
+        pairs = supervised_pairs(chunk, subrequests)
+        for system in dict.fromkeys(p[1] for p in pairs):  # one batch per agent (ordered: deterministic sums)
+            group = [p for p in pairs if p[1] == system]
+            batch = policy.encode_supervised(
+                processor, [p[0] for p in group], [p[2] for p in group], [p[3] for p in group], system=system
+            )
+            # next-token cross-entropy on the target tokens only (labels mask the prompt), weighted by share
+            loss = loss + model(**batch).loss * len(group) / len(pairs)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
