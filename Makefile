@@ -28,6 +28,10 @@ format: $(STAMP)
 	.venv/bin/ruff check --fix .
 	.venv/bin/ruff format .
 
+# The main job: the whole method in miniature on a CPU (shapes world, tiny Qwen-VL, train.py, evaluate.py).
+demo: $(STAMP)
+	$(PY) demo.py
+
 # GRPO step benchmark: tiny policy on CPU, the full-size Qwen2.5-VL-7B architecture (random weights) on a GPU.
 bench: $(STAMP)
 	$(PY) bench.py
