@@ -75,8 +75,10 @@ def test_two_process_zero_run_exports_a_loadable_policy(stage, arch, tiny_models
     assert "eval/reward" in records[1]
 
 
-@pytest.mark.parametrize("aggregation", ["token", "sequence"])
-def test_update_is_independent_of_world_size_and_micro_batches(aggregation, tiny_qwen25, tmp_path):
+def test_update_is_independent_of_world_size_and_micro_batches(tiny_qwen25, tmp_path):
+    # "token" aggregation: its denominator (the global token count) is the one a per-rank or per-micro-batch
+    # normaliser gets wrong; tests/test_grpo.py checks all three aggregations on the pure loss
+    aggregation = "token"
     outs = {}
     for world, micro in [(1, 8), (1, 2), (2, 4), (2, 1)]:
         out = tmp_path / f"w{world}m{micro}"
