@@ -295,19 +295,20 @@ def update_policy(engine, batch: grpo.Batch, args: Args, world_size: int, device
     Each mini-batch's loss denominator is summed over ranks (the mini-batch is global), and every micro-batch loss is
     scaled by (micro-batches per update x world size) to undo DeepSpeed's division by gradient-accumulation steps and
     its average over ranks. The result is the gradient of the global mini-batch's loss, however it is split.
+    Returns this rank's token-weighted means of grpo_loss's metrics, the max ratio, the mean loss per update and the
+    mean pre-clip gradient norm.
     """
-    sums: dict[str, float] = {}
+    token_sums: dict[str, float] = {}  # metric * tokens, summed over micro-batches
+    tokens = ratio_max = loss_sum = grad_norm_sum = 0.0
     n_updates = 0
     for _ in range(args.mu):
         for mini in grpo.split_micro_batches(batch, args.mini_batches):
-            (denominator,) = global_sum(
-                [grpo.loss_denominator(mini.completion_mask, args.aggregation, args.max_new_tokens)], device
-            )  # collective
-            if args.aggregation == "sequence":
-                denominator = float(len(mini) * world_size)  # sequence counts are equal on every rank
+            local = grpo.loss_denominator(mini.completion_mask, args.aggregation, args.max_new_tokens)
+            (denominator,) = global_sum([local], device)  # collective
             micro_batches = grpo.split_micro_batches(mini, _n_micro(mini, args))
             for mb in micro_batches:
                 logps, entropy = grpo.per_token_logps(engine, mb, args.temperature, return_entropy=True)  # (b, T)
+                # on-policy (mu = 1, one mini-batch): the sampling policy is this very policy, so old = current
                 old = mb.old_per_token_logps if mb.old_per_token_logps is not None else logps.detach()
                 loss, metrics = grpo.grpo_loss(
                     logps, old, mb.ref_per_token_logps, mb.advantages, mb.completion_mask,
@@ -316,17 +317,18 @@ def update_policy(engine, batch: grpo.Batch, args: Args, world_size: int, device
                 )  # fmt: skip
                 engine.backward(loss * len(micro_batches) * world_size)  # collective (gradient reduction)
                 engine.step()  # steps the optimizer only at the accumulation boundary
-                mask = mb.completion_mask.float()
+                mask = mb.completion_mask.float()  # (b, T)
                 metrics["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-                metrics["loss"] = float(loss.detach())
+                n_tok = metrics.pop("tokens")
+                ratio_max = max(ratio_max, metrics.pop("ratio_max"))
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v * (metrics["tokens"] if k not in ("loss", "tokens") else 1.0)
+                    token_sums[k] = token_sums.get(k, 0.0) + v * n_tok
+                tokens += n_tok
+                loss_sum += float(loss.detach())
             n_updates += 1
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(engine.get_global_grad_norm() or 0.0)
-    tokens = max(sums.pop("tokens"), 1.0)
-    out = {k: v / tokens for k, v in sums.items() if k not in ("loss", "grad_norm")}
-    out["loss"] = sums["loss"]
-    out["grad_norm"] = sums["grad_norm"] / max(n_updates, 1)
+            grad_norm_sum += float(engine.get_global_grad_norm() or 0.0)
+    out = {k: v / max(tokens, 1.0) for k, v in token_sums.items()}
+    out.update(ratio_max=ratio_max, loss=loss_sum / n_updates, grad_norm=grad_norm_sum / n_updates)
     return out
 
 
@@ -496,6 +498,7 @@ def main(argv=None) -> None:
         gen_tokens = float(batch.completion_mask.sum())
         local = [*comps.sum(0), *(comps**2).sum(0), len(breakdowns), zero_spread, len(examples), gen_tokens]
         local += [stats[k] * gen_tokens for k in ("kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "entropy")]
+        local += [stats["loss"]]  # each rank's share of the global loss: the sum over ranks is the loss
         g = global_sum(local, device)  # collective
         n, tok = g[10], max(g[13], 1.0)
         names = ["reward", "format", "action", "subject", "goal"]
@@ -507,6 +510,7 @@ def main(argv=None) -> None:
         record["zero_spread_frac"] = g[11] / g[12]
         for i, k in enumerate(["kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "entropy"]):
             record[k] = g[14 + i] / tok
+        record["loss"] = g[19]
         record["completion_len"] = tok / n
         record["grad_norm"] = stats["grad_norm"]
         record["lr"] = scheduler.get_last_lr()[0]
