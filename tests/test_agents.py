@@ -435,21 +435,30 @@ class RecordingWrapper:
         return out
 
 
-def test_chain_with_fine_tuned_policy_and_real_tiny_flux_kontext(fine_tuned, tmp_path):
-    """Multi-turn through diffusers' FluxKontextPipeline (tiny, random, 2 steps): two real edits, chained."""
-    from editors import EditorOptions, FluxKontextEditor
-    from tiny_pipelines import save_tiny_flux_kontext
+@pytest.fixture(scope="module")
+def tiny_editor_folders(tmp_path_factory):
+    from tiny_pipelines import save_tiny_flux_kontext, save_tiny_qwen_image_edit
 
-    folder = save_tiny_flux_kontext(tmp_path / "flux", seed=0)
-    flux = FluxKontextEditor(EditorOptions(model=str(folder), steps=2, dtype="float32", device="cpu"))
-    editor = RecordingWrapper(flux)
+    root = tmp_path_factory.mktemp("tiny_editors")
+    return {"flux": save_tiny_flux_kontext(root / "flux", seed=0), "qwen": save_tiny_qwen_image_edit(root / "qwen")}
+
+
+@pytest.mark.parametrize("name", ["flux", "qwen"])
+@pytest.mark.parametrize("turns", ["single", "multi"])
+def test_chain_with_fine_tuned_policy_and_each_real_tiny_diffusers_editor(fine_tuned, tiny_editor_folders, name, turns):
+    """The chain through diffusers' FluxKontextPipeline and QwenImageEditPipeline (tiny, random, 2 steps)."""
+    from editors import EditorOptions, make_editor
+
+    options = EditorOptions(model=str(tiny_editor_folders[name]), steps=2, dtype="float32", device="cpu")
+    editor = RecordingWrapper(make_editor(name, options))
     model, processor, image = fine_tuned
-    result = agents.run_chain(
-        image, FT_REQUEST, editor, decomposer=(model, processor), turns="multi", max_new_tokens=48
-    )
+    result = agents.run_chain(image, FT_REQUEST, editor, decomposer=(model, processor), turns=turns, max_new_tokens=48)
 
     assert result.fallback is None and result.edit_error is None
-    assert [text for _, text, _ in editor.calls] == FT_STEPS
-    assert editor.calls[0][0] is image and editor.calls[1][0] is editor.calls[0][2]
-    assert result.final_image is editor.calls[1][2] and result.final_image.size == image.size
+    expected = [agents.join_single_turn(FT_STEPS)] if turns == "single" else FT_STEPS
+    assert [text for _, text, _ in editor.calls] == expected
+    assert editor.calls[0][0] is image
+    if turns == "multi":  # each sub-request edits the previous output
+        assert editor.calls[1][0] is editor.calls[0][2]
+    assert result.final_image is editor.calls[-1][2] and result.final_image.size == image.size
     assert result.seconds.edit > 0
