@@ -5,6 +5,8 @@
 Under `--world 2` it re-launches itself with torchrun. Every rank builds the same global batch (fixed prompts, fixed
 completions with ragged lengths, fixed advantages), keeps its contiguous share of the prompts, runs
 `train.update_policy` once, and the exported policy plus the pre-clip gradient norm are written to OUT_DIR.
+AdamW's epsilon is 1, far above every gradient, so the first step is lr * g / (|g| + 1), about lr * g: the weights then
+show the gradient itself (with its scale), not Adam's near sign(g) first step that hides scale and amplifies noise.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def main() -> None:
     a = p.parse_args()
     args = train.Args(
         model=a.model, gpus=a.world, prompts_per_step=N_PROMPTS, group_size=G, micro_batch_size=a.micro,
-        max_new_tokens=T, zero_stage=a.stage, aggregation=a.aggregation, beta=0.1, lr=1e-3, grad_clip=1e9,
+        max_new_tokens=T, zero_stage=a.stage, aggregation=a.aggregation, beta=0.1, lr=1e-3, grad_clip=1e9, adam_eps=1.0,
         output_dir=a.out,
     )  # fmt: skip
     train.launch_if_needed(args)

@@ -87,11 +87,10 @@ def test_update_is_independent_of_world_size_and_micro_batches(tiny_qwen25, tmp_
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs[(world, micro)] = (weights(out / "policy"), json.loads((out / "stats.json").read_text()))
     base, base_stats = outs[(1, 8)]
-    assert max_diff(base, weights(tiny_qwen25)) > 1e-4, "the update must move the weights for the test to mean much"
+    assert max_diff(base, weights(tiny_qwen25)) > 1e-5, "the update must move the weights for the test to mean much"
     for key, (w, stats) in outs.items():
-        # Adam's first step is nearly scale-free, so the gradient norm checks the scale and the weights the direction
         assert stats["grad_norm"] == pytest.approx(base_stats["grad_norm"], rel=1e-5), key
-        assert max_diff(base, w) < 1e-5, key
+        assert max_diff(base, w) < 2e-8, key  # lr * (gradient difference), plus float32 rounding of the weights
 
 
 def test_resumed_run_matches_uninterrupted_run(tiny_qwen25, tmp_path):
