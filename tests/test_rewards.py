@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -292,8 +293,11 @@ def test_format_reward_rejects(text):
 @SETTINGS
 @given(think=think_text, actions=item_list, subjects=item_list, goals=item_list, data=st.data())
 def test_breaking_the_structure_gives_format_zero(think, actions, subjects, goals, data):
-    parts = render_decomposition(think, actions, subjects, goals).split("\n")  # one block per line
-    assert format_reward("\n".join(parts)) == 1.0
+    text = render_decomposition(think, actions, subjects, goals)
+    # the four blocks (a think or an item may itself hold newlines, so split on the tags, not on lines)
+    parts = [m.group(0) for m in re.finditer(r"<(think|action|subjects|goals)>.*?</\1>", text, re.S)]
+    assert len(parts) == 4 and "\n".join(parts) == text  # the renderer writes the blocks one per line
+    assert format_reward(text) == 1.0
     i = data.draw(st.integers(0, 3))
     assert format_reward("\n".join(parts[:i] + parts[i + 1 :])) == 0.0  # a tag removed
     j = data.draw(st.integers(0, 3).filter(lambda j: j != i))
