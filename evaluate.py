@@ -11,6 +11,8 @@ Rows and columns (Table 1)
         original    the editor alone on the raw request                        paper: "Original"
         chain       the chain with the untrained decomposer (--agent-model)    paper: "ImageEdit-R1 (w/o RL)"
         chain-rl    the chain with the trained decomposer (--decomposer)       paper: "ImageEdit-R1"
+        think           EditThinker's Think-while-Edit loop on the raw request (--critic, --max-turns)
+        chain-rl+think  the same loop, its first instruction the chain-rl plan (sub-requests joined, single-turn)
     The sequencing agent is --agent-model in both chains (or --sequencer). With `--turns single,multi` (the paper's
     §4.2 ablation) each chain gives two rows, "chain-rl" (single-turn) and "chain-rl/multi"; "original" has no turns.
     A column is a (benchmark, judge) pair, then "Average", the mean of the row's cells as in the paper. A cell is the
@@ -18,6 +20,21 @@ Rows and columns (Table 1)
     sub-score table: an example that cannot be read ("bad-example": corrupt image, missing field), an edit the editor
     refused ("edit-error"), a judge that gave no verdict after its retries ("judge-error").
     To add a method, add a `MethodSpec` to METHODS and, if it runs differently, a branch in `MethodRunner.run`.
+
+The Think-while-Edit rows (agents.run_think_batch; EditThinker, ../shared/papers/003)
+    Turn 1 edits the source with the first instruction; the critic scores the edit (0-10, the judge's scale) and
+    proposes a refined instruction; the SOURCE is re-edited with it, until the score reaches --think-threshold, the
+    instruction repeats one already tried, or --max-turns edits were made. Every edit is critiqued (so the last one
+    can be ranked) and the best-scored edit is the row's image; every turn's image is saved and shown in the report.
+    Turns use the example's seed, so turn 1 of "think" is the "original" edit and turn 1 of "chain-rl+think" the
+    "chain-rl" edit: the rows differ from those only by what thinking changed. --critic SPEC:
+        gpt-4o, gemini-2.5-flash, openai:MODEL@URL   a VLM behind an OpenAI-compatible API (keys as for --judges)
+        local:PATH                                   a Qwen-VL checkpoint in this process (e.g. a trained thinker)
+        shapes                                       the miniature: the shapes judge's rubric total as the score, the
+                                                     instruction restated by a rule that uses no hidden answer
+        shapes+local:PATH                            the shapes rubric's score, the instruction from a local model
+    Caveat: with a judge-scored critic ("shapes...") and that same judge in --judges, picking the best turn selects
+    with the evaluator's own eyes (best of k draws): part of the gain is selection, not refinement.
 
 Stages, each resumable (run the same command again after a kill: done work is skipped, never repeated)
     0. Setup. The benchmark samples are drawn (`benchmarks.sample`: the same examples for the same --limit/--seed),
@@ -44,7 +61,9 @@ Files in --out
     table1.md / .csv                    Table 1: rows methods, columns benchmark x judge, plus Average
     subscores.md / .csv                 fulfilment (0-4), quality (0-3), preservation (0-3), total, failure counts
     report.html                         per example: the original, every method's edit side by side, the scores,
-                                        the decomposition and sub-requests (relative image paths: keep the folder)
+                                        the decomposition and sub-requests, the thinking turns (relative image
+                                        paths: keep the folder)
+    images/<benchmark>/<method>/turns/  every Think-while-Edit turn's edit (*.turn<k>.png)
     alignment.md / .csv                 with --human-scores: humans versus each judge (paper §4.1)
 
 Human alignment (`--human-scores FILE.csv`): a CSV with columns example_id, method, fulfilment, quality,
@@ -76,13 +95,15 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import huggingface_hub
+import openai
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -116,7 +137,9 @@ class Args:
     limit: int = arg(benchmarks.DEFAULT_EVAL_LIMIT, "examples drawn per benchmark, 0 = all (paper: 1,000)")
     seed: int = arg(benchmarks.DEFAULT_EVAL_SEED, "seed of the draw and of every edit's noise")
     # the rows
-    methods: str = arg("original,chain,chain-rl", "comma-separated rows, of: original, chain, chain-rl")
+    methods: str = arg(
+        "original,chain,chain-rl", "comma-separated rows, of: original, chain, chain-rl, think, chain-rl+think"
+    )
     turns: str = arg("single", "single | multi | single,multi: how the chain's editor runs (paper §4.2 ablation)")
     agent_model: str = arg(PAPER_AGENT, "the untrained base VLM: the 'chain' decomposer and every chain's sequencer")
     decomposer: str | None = arg(None, "the trained decomposition agent for 'chain-rl' (a train.py export folder)")
@@ -124,6 +147,16 @@ class Args:
     agent_batch_size: int = arg(agents.DEFAULT_BATCH_SIZE, "examples per agent generate call (and per edit batch)")
     max_new_tokens: int = arg(agents.DEFAULT_MAX_NEW_TOKENS, "longest agent answer, in tokens")
     max_steps: int = arg(agents.DEFAULT_MAX_STEPS, "most sub-requests sent to the editor per example")
+    # the Think-while-Edit rows (think, chain-rl+think)
+    critic: str | None = arg(
+        None,
+        "the critic-refiner of the think rows: gpt-4o, gemini-2.5-flash, openai:MODEL@URL, local:PATH, shapes, "
+        "shapes+local:PATH (module docstring)",
+    )
+    max_turns: int = arg(agents.DEFAULT_MAX_TURNS, "most edits (each one critiqued) per example in the think rows")
+    think_threshold: float = arg(
+        agents.DEFAULT_THINK_THRESHOLD, "critic score (0-10) at which the think loop stops, satisfied"
+    )
     # the editing agent
     editor: str = arg("flux", "flux | qwen | nano-banana | gpt-image | shapes (the miniature's procedural editor)")
     editor_path: str | None = arg(None, "local pipeline folder or hub id (diffusion), or API model name")
@@ -151,6 +184,7 @@ class Args:
 EDIT_SETTINGS = (
     "editor", "editor_path", "editor_steps", "editor_guidance", "editor_dtype", "editor_max_area",
     "agent_model", "decomposer", "sequencer", "max_new_tokens", "max_steps", "seed",
+    "critic", "max_turns", "think_threshold",
 )  # fmt: skip
 
 
@@ -173,21 +207,25 @@ class HumanScoresError(ValueError):
 @dataclass(frozen=True)
 class MethodSpec:
     """A family of Table 1 rows. decomposer: "none" = the editor alone on the raw request; "base" = the chain with
-    --agent-model; "trained" = the chain with --decomposer."""
+    --agent-model; "trained" = the chain with --decomposer. think: the Think-while-Edit loop with --critic, started
+    from the raw request (decomposer "none") or from the chain's single-turn plan."""
 
     name: str
     paper_row: str
     decomposer: Literal["none", "base", "trained"]
+    think: bool = False
 
     @property
     def has_turns(self) -> bool:
-        return self.decomposer != "none"
+        return self.decomposer != "none" and not self.think  # the loop edits one joined instruction per turn
 
 
 METHODS = {
     "original": MethodSpec("original", "Original", "none"),
     "chain": MethodSpec("chain", "ImageEdit-R1 (w/o RL)", "base"),
     "chain-rl": MethodSpec("chain-rl", "ImageEdit-R1", "trained"),
+    "think": MethodSpec("think", "EditThinker loop (editor + critic)", "none", think=True),
+    "chain-rl+think": MethodSpec("chain-rl+think", "ImageEdit-R1 + EditThinker loop", "trained", think=True),
 }
 MULTI_SUFFIX = "/multi"
 
@@ -459,6 +497,129 @@ def build_judge(spec: str, concurrency: int) -> judging.OpenAIJudge | judging.Lo
     return judging.make_judge(spec, max_concurrency=concurrency)
 
 
+# The critic of the think rows. API critics follow judge.py's conventions (key from the environment variable the spec
+# names, PNG data URLs, the openai client's retries, redacted errors); agents.py may not import judge.py, so the API
+# critic lives here, next to the judges it mirrors.
+
+
+def critic_messages(sample: agents.CritiqueSample) -> list[dict]:
+    """System turn, then one user turn: the critic prompt, the ORIGINAL image, the EDITED image (judge.py's order)."""
+    content = [
+        {"type": "text", "text": agents.critic_prompt(sample.request, sample.instruction, side_by_side=False)},
+        {"type": "image_url", "image_url": {"url": judging.png_data_url(sample.source)}},
+        {"type": "image_url", "image_url": {"url": judging.png_data_url(sample.edited)}},
+    ]
+    return [{"role": "system", "content": agents.CRITIC_SYSTEM}, {"role": "user", "content": content}]
+
+
+class OpenAICritic:
+    """The critic-refiner behind an OpenAI-compatible chat API (GPT-4o, Gemini, a vLLM server).
+
+    The reply is free text in the critique format (agents.CRITIC_FORMAT; no JSON schema, the tags are the format), and
+    is returned as it is: one that does not parse ends that example's loop, counted as "critique did not parse". An
+    API failure after the client's retries becomes an agents.CriticFailure with a redacted reason. At most
+    `max_concurrency` requests are in flight.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        default_key: str | None = None,
+        max_concurrency: int = 8,
+        timeout: float = 120,
+        max_retries: int = 5,
+        temperature: float | None = 0.0,
+    ) -> None:
+        key = os.environ.get(api_key_env) or default_key
+        if not key:
+            raise judging.MissingAPIKeyError(
+                f"critic {model!r} needs an API key in the environment variable {api_key_env}, which is unset or empty"
+            )
+        self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
+        self.max_concurrency, self.temperature = max(1, max_concurrency), temperature
+        self.timeout, self.max_retries = timeout, max_retries
+        self.name = model if base_url is None else f"{model}@{base_url}"
+        self._secret = key  # kept only to redact it from error text
+        self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
+
+    def __repr__(self) -> str:
+        return f"OpenAICritic(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+
+    def critique_many(self, samples: Sequence[agents.CritiqueSample]) -> list[str | agents.CriticFailure]:
+        with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="critic") as pool:
+            return list(pool.map(self._critique, samples))
+
+    def _critique(self, sample: agents.CritiqueSample) -> str | agents.CriticFailure:
+        optional = {} if self.temperature is None else {"temperature": self.temperature}
+        try:
+            response = self._client.chat.completions.create(
+                model=self.model, messages=critic_messages(sample), **optional
+            )
+            return judging.reply_text(response)
+        except judging.JudgeError as err:  # a 200 reply with no text or a refusal
+            problem = str(err)
+        except openai.APITimeoutError:
+            problem = f"no reply within the {self.timeout:g} s timeout ({self.max_retries} retries)"
+        except openai.APIConnectionError as err:
+            problem = f"connection failed ({self.max_retries} retries): {err}"
+        except openai.APIStatusError as err:
+            problem = f"HTTP {err.status_code}: {err.message}"
+        # Built outside the except blocks and redacted: servers echo keys back ("Incorrect API key provided: ...").
+        return agents.CriticFailure(self._secret_free(f"{self.name}: {problem}"))
+
+    def _secret_free(self, text: str) -> str:
+        return text.replace(self._secret, "[redacted API key]")
+
+
+SHAPES_REFINED_PREFIX = "shapes+"  # "shapes+local:PATH": the shapes rubric's score, a local model's instruction
+
+
+def build_critic(spec: str, args: Args, load_agent: Callable[[str], agents.Agent]) -> agents.Critic:
+    """The --critic: see the module docstring for the specs. load_agent loads (or reuses) a local checkpoint."""
+    if spec in SHAPES_JUDGE_SPECS:
+        return agents.JudgeCritic(shapes.ShapesJudge(), name="shapes")
+    if spec.startswith(SHAPES_REFINED_PREFIX + "local:"):
+        refiner = build_critic(spec.removeprefix(SHAPES_REFINED_PREFIX), args, load_agent)
+        return agents.JudgeCritic(shapes.ShapesJudge(), refiner=refiner, name=spec)
+    if spec.startswith("local:"):
+        path = spec.removeprefix("local:")
+        if not path:
+            raise ValueError(f"critic spec {spec!r} should look like 'local:PATH'")
+        model, processor = load_agent(path)
+        return agents.LocalCritic(
+            model, processor, name=spec, max_new_tokens=args.max_new_tokens, batch_size=args.agent_batch_size
+        )
+    if spec in judging.PRESETS:
+        model, base_url, key_env = judging.PRESETS[spec]
+        return OpenAICritic(model, base_url=base_url, api_key_env=key_env, max_concurrency=args.judge_concurrency)
+    if spec.startswith("openai:"):
+        model, _, url = spec.removeprefix("openai:").partition("@")
+        if not model or not url.startswith(("http://", "https://")):
+            raise ValueError(f"critic spec {spec!r} should look like 'openai:MODEL@http://host:port/v1'")
+        return OpenAICritic(
+            model,
+            base_url=url,
+            api_key_env=judging.LOCAL_SERVER_KEY_ENV,
+            default_key=judging.LOCAL_SERVER_DUMMY_KEY,
+            max_concurrency=args.judge_concurrency,
+        )
+    choices = ", ".join([*judging.PRESETS, "openai:MODEL@URL", "local:PATH", "shapes", "shapes+local:PATH"])
+    raise ValueError(f"unknown critic spec {spec!r}; expected one of: {choices}")
+
+
+def check_critic(spec: str, args: Args) -> None:
+    """Build the critic with local checkpoints' configs read instead of their weights loaded (fails like build)."""
+
+    def read_config_only(path: str) -> agents.Agent:
+        policy.load_config(path)
+        return (None, None)
+
+    build_critic(spec, args, read_config_only)
+
+
 def agent_paths(args: Args, methods: Sequence[Method]) -> list[str]:
     """The agent checkpoints the given rows load (decomposers, then the sequencer), without repeats."""
     paths = []
@@ -496,6 +657,11 @@ def preflight(
                 policy.load_config(path)
             except (policy.PolicyNotFoundError, ValueError) as err:
                 problems.append(f"agent model {path!r}: {err}")
+        if any(m.spec.think for m in edit_methods):
+            try:
+                check_critic(args.critic, args)
+            except (judging.MissingAPIKeyError, policy.PolicyNotFoundError, ValueError) as err:
+                problems.append(f"critic {args.critic!r}: {err}")
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         if args.gpus > 1 and torch.cuda.is_available() and args.gpus > (len(visible) or torch.cuda.device_count()):
             problems.append(f"--gpus {args.gpus}: only {len(visible) or torch.cuda.device_count()} GPU(s) visible")
@@ -562,20 +728,29 @@ def agent_placement() -> dict:
 
 
 class MethodRunner:
-    """Runs one row on a batch of examples with one editor; each agent checkpoint is loaded once, on first use."""
+    """Runs one row on a batch of examples with one editor; each agent checkpoint (a local critic's too) is loaded
+    once, on first use, and the critic is built on first use."""
 
     def __init__(self, args: Args, editor: editors.Editor) -> None:
         self.args, self.editor = args, editor
         self._agents: dict[str, agents.Agent] = {}
+        self._critic: agents.Critic | None = None
 
     def agent(self, path: str) -> agents.Agent:
         if path not in self._agents:
             self._agents[path] = policy.load_policy(path, **agent_placement())
         return self._agents[path]
 
+    def critic(self) -> agents.Critic:
+        if self._critic is None:
+            self._critic = build_critic(self.args.critic, self.args, self.agent)
+        return self._critic
+
     def run(
         self, method: Method, images: list[Image.Image], requests: list[str], seeds: list[int]
-    ) -> list[agents.ChainResult]:
+    ) -> list[agents.ChainResult | agents.ThinkResult]:
+        if method.spec.think:
+            return self.think(method, images, requests, seeds)
         if method.spec.decomposer == "none":
             return [agents.edit_original(i, r, self.editor, seed=s) for i, r, s in zip(images, requests, seeds)]
         decomposer = self.args.decomposer if method.spec.decomposer == "trained" else self.args.agent_model
@@ -590,6 +765,27 @@ class MethodRunner:
             max_new_tokens=self.args.max_new_tokens,
             batch_size=self.args.agent_batch_size,
             max_steps=self.args.max_steps,
+        )
+
+    def think(
+        self, method: Method, images: list[Image.Image], requests: list[str], seeds: list[int]
+    ) -> list[agents.ThinkResult]:
+        """The Think-while-Edit loop from the raw request, or from the chain's plan (single-turn)."""
+        loop = {"seed": seeds, "max_turns": self.args.max_turns, "threshold": self.args.think_threshold}
+        if method.spec.decomposer == "none":
+            return agents.run_think_batch(images, requests, self.editor, self.critic(), **loop)
+        decomposer = self.args.decomposer if method.spec.decomposer == "trained" else self.args.agent_model
+        return agents.run_chain_think_batch(
+            images,
+            requests,
+            self.editor,
+            self.critic(),
+            decomposer=self.agent(decomposer),
+            sequencer=self.agent(self.args.sequencer or self.args.agent_model),
+            max_new_tokens=self.args.max_new_tokens,
+            batch_size=self.args.agent_batch_size,
+            max_steps=self.args.max_steps,
+            **loop,
         )
 
 
@@ -652,12 +848,26 @@ def bad_example_record(task: Task, method_id: str) -> EditRecord:
     )
 
 
-def edit_record(out: Path, task: Task, method: Method, source: str, result: agents.ChainResult) -> EditRecord:
-    """Save the edited image (when there is one) and describe the edit."""
+def turn_image_path(benchmark: str, method_id: str, example_id: str, turn: int) -> str:
+    """Where a think row's turn image lives, relative to --out: images/<benchmark>/<method>/turns/<stem>.turn<k>.png."""
+    return f"images/{_dir_name(benchmark)}/{_dir_name(method_id)}/turns/{file_stem(example_id)}.turn{turn}.png"
+
+
+def edit_record(
+    out: Path, task: Task, method: Method, source: str, result: agents.ChainResult | agents.ThinkResult
+) -> EditRecord:
+    """Save the edited image (when there is one) and, for a think row, every turn's image; describe the edit."""
     edited = None
     if result.final_image is not None:
         edited = image_path(task.benchmark, method.id, task.example.id)
         save_png(result.final_image, out / edited)
+    summary = result.summary()
+    if isinstance(result, agents.ThinkResult):
+        for turn, turn_summary in zip(result.turns, summary["turns"]):
+            turn_summary["image"] = None
+            if turn.image is not None:
+                turn_summary["image"] = turn_image_path(task.benchmark, method.id, task.example.id, turn.number)
+                save_png(turn.image, out / turn_summary["image"])
     status = OK if result.edit_error is None else EDIT_ERROR
     return EditRecord(
         benchmark=task.benchmark,
@@ -668,7 +878,7 @@ def edit_record(out: Path, task: Task, method: Method, source: str, result: agen
         request=task.example.request,
         source_image=source,
         image=edited,
-        chain=result.summary(),
+        chain=summary,
         seconds=result.seconds.total,
     )
 
@@ -886,6 +1096,8 @@ section { border-top: 2px solid #ddd; padding: 1em 0; }
 figure { margin: 0; width: 260px; } figure img { width: 256px; image-rendering: pixelated; border: 1px solid #bbb; }
 figcaption { font-size: 13px; } .failed { background: #fee; padding: 6px; width: 244px; font-size: 13px; }
 .score { font-weight: bold; } .chain { margin-top: 6px; } details { font-size: 12px; } pre { white-space: pre-wrap; }
+.turn { clear: both; overflow: hidden; margin: 4px 0; padding: 2px; border-left: 3px solid #ddd; }
+.turn.best { border-left-color: #2a7; } .turn img { width: 64px; float: left; margin-right: 6px; }
 """
 
 
@@ -903,10 +1115,8 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _chain_html(chain: dict | None) -> str:
-    """The decomposition, the plan and what the editor was asked, for one edit."""
-    if not chain or chain.get("method") == "original":
-        return ""
+def _plan_parts(chain: dict) -> list[str]:
+    """The decomposition, the sub-requests and the fallback of a chain's summary, as HTML snippets."""
     parts = []
     if chain.get("actions") is not None:
         for name in ("actions", "subjects", "goals"):
@@ -915,13 +1125,47 @@ def _chain_html(chain: dict | None) -> str:
         parts.append("<b>sub-requests</b>:<ol>" + "".join(f"<li>{_e(s)}</li>" for s in chain["steps"]) + "</ol>")
     if chain.get("fallback"):
         parts.append(f"<b>fallback</b>: {_e(chain['fallback'])} (the raw request was edited)")
-    parts.append("<b>editor calls</b>: " + " | ".join(_e(i) for i in chain.get("instructions", [])))
+    return parts
+
+
+def _raw_answers(chain: dict) -> str:
     raw = "".join(
         f"<p>{name}:</p><pre>{_e(chain[key])}</pre>"
         for name, key in (("decomposition agent", "decomposition_text"), ("sequencing agent", "sequencing_text"))
         if chain.get(key) is not None
     )
-    return "<br>".join(parts) + (f"<details><summary>raw agent answers</summary>{raw}</details>" if raw else "")
+    return f"<details><summary>raw agent answers</summary>{raw}</details>" if raw else ""
+
+
+def _think_html(think: dict) -> str:
+    """A think row's turns: each turn's edit, instruction, score and critique; the returned turn is marked."""
+    parts = _plan_parts(think["plan"]) if think.get("plan") else []
+    for turn in think["turns"]:
+        best = turn["turn"] == think.get("best_turn")
+        image = f"<img loading='lazy' src='{_e(turn['image'])}' alt='turn {turn['turn']}'>" if turn.get("image") else ""
+        score = "no score" if turn["score"] is None else f"score {_short(turn['score'])}"
+        head = f"<b>turn {turn['turn']}</b>: {score}{' (returned)' if best else ''}"
+        problem = turn.get("edit_error") or turn.get("critic_error")
+        critique = turn.get("critique_text")
+        parts.append(
+            f"<div class='turn{' best' if best else ''}'>{image}{head}<br>{_e(turn['instruction'])}"
+            + (f"<br><i>{_e(problem)}</i>" if problem else "")
+            + (f"<details><summary>critique</summary><pre>{_e(critique)}</pre></details>" if critique else "")
+            + "</div>"
+        )
+    parts.append(f"<b>stopped</b>: {_e(think.get('stop_reason'))}")
+    return "<br>".join(parts) + (_raw_answers(think["plan"]) if think.get("plan") else "")
+
+
+def _chain_html(chain: dict | None) -> str:
+    """The decomposition, the plan and what the editor was asked (or a think row's turns), for one edit."""
+    if not chain or chain.get("method") == "original":
+        return ""
+    if "turns" in chain:
+        return _think_html(chain)
+    parts = _plan_parts(chain)
+    parts.append("<b>editor calls</b>: " + " | ".join(_e(i) for i in chain.get("instructions", [])))
+    return "<br>".join(parts) + _raw_answers(chain)
 
 
 def _edit_figure(method: Method, edit: EditRecord | None, verdicts: list[tuple[str, JudgeRecord | None]]) -> str:
@@ -1127,6 +1371,10 @@ def evaluate(args: Args) -> dict[tuple[str, str, str], Cell]:
     labels = [label for label, _ in judge_specs]
     if any(m.spec.decomposer == "trained" for m in methods) and not args.decomposer:
         raise SetupError("method 'chain-rl' needs the trained decomposition agent: pass --decomposer PATH")
+    if any(m.spec.think for m in methods) and not args.critic:
+        raise SetupError("the think methods need a critic: pass --critic SPEC (e.g. gpt-4o, local:PATH, shapes)")
+    if args.max_turns < 1:
+        raise SetupError(f"--max-turns must be at least 1, got {args.max_turns}")
     if args.gpus < 1:
         raise SetupError(f"--gpus must be at least 1, got {args.gpus}")
     with run_lock(out):

@@ -61,6 +61,23 @@ joined with ", " when that text parses back to the same items, otherwise (an ite
 edge quote, a bullet-like prefix...) a JSON list with `<` and `>` escaped as `\\u003c`/`\\u003e` so no item can
 forge a tag. Tag strings inside the reasoning are neutralised by writing their `<` as `&lt;`.
 
+The critic's answer (EditThinker's Think-while-Edit loop, `agents.run_think_batch`)
+    The critic-refiner agent looks at the source image, the current edit, the user's request and the instruction
+    that produced the edit, and writes three tagged blocks:
+
+        <think>The coat is scarlet but the hair kept its colour.</think>
+        <score>6</score>
+        <instruction>Recolor the coat to scarlet; recolor the hair to copper red</instruction>
+
+    The score is on the judge's 0-10 scale (fulfilment 0-4 + quality 0-3 + preservation 0-3, judge.py): an integer
+    or a decimal ("7", "7.5"), optionally written "7/10". `parse_critique` (lenient, used by the loop) reads the LAST
+    complete <score> and <instruction> blocks, like `parse_decomposition`; it gives None when the score is missing,
+    not such a number, or outside 0-10 (a critic off the scale must not end the loop as "satisfied"), or when the
+    instruction is missing or holds no letter or digit. A missing <think> gives `think=""`.
+    `critique_format_reward` (strict, the format term of a thinker's GRPO reward) is 1.0 only for exactly
+    `<think>T</think> <score>S</score> <instruction>I</instruction>` up to whitespace: each of the six tag strings
+    once and in that order, nothing but whitespace outside the blocks, T not blank, S a valid score, I usable.
+
 No function here raises on any input string; every regex is linear (no nested quantifiers), so a 100k-character
 adversarial completion costs milliseconds.
 """
@@ -342,3 +359,68 @@ def decomposition_reward(
         goal = set_f1(pred.goals, gold.goals)
     total = (w_format * fmt + w_action * action + w_subject * subject + w_goal_used * goal) / weight_sum
     return RewardBreakdown(total=total, format=fmt, action=action, subject=subject, goal=goal)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The critic's answer (EditThinker's critique: reasoning, score, refined instruction; see the module docstring)
+
+CRITIQUE_TAGS = ("think", "score", "instruction")
+CRITIQUE_SCORE_MAX = 10.0  # the judge's scale: fulfilment 0-4 + quality 0-3 + preservation 0-3
+_CRITIQUE_TAG_SEQUENCE = tuple(s for tag in CRITIQUE_TAGS for s in (f"<{tag}>", f"</{tag}>"))
+_CRITIQUE_TAG_RE = re.compile(r"</?(?:think|score|instruction)>")
+_SCORE_RE = re.compile(r"(\d{1,3}(?:\.\d{1,3})?)(?:\s*/\s*10)?", re.ASCII)  # "7", "7.5", "8/10", "8 / 10"
+
+
+@dataclass(frozen=True)
+class Critique:
+    """One parsed critique: the reasoning ("" if absent), the score in [0, 10], the refined instruction (stripped)."""
+
+    think: str
+    score: float
+    instruction: str
+
+
+def _critique_score(body: str) -> float | None:
+    """The number in a <score> body if it is on the 0-10 scale, else None."""
+    match = _SCORE_RE.fullmatch(body.strip())
+    if match is None:
+        return None
+    score = float(match.group(1))
+    return score if score <= CRITIQUE_SCORE_MAX else None
+
+
+def _usable_instruction(body: str) -> bool:
+    return any(ch.isalnum() for ch in body)  # "..." or "-" alone is no instruction for an editor
+
+
+def parse_critique(text: str) -> Critique | None:
+    """Leniently read a critic's answer: None unless the last <score> is a 0-10 number and the last <instruction> is
+    usable (module docstring); text around the blocks is ignored, <think> may be missing."""
+    score_body = _last_block(text, "score")
+    instruction = _last_block(text, "instruction")
+    if score_body is None or instruction is None or not _usable_instruction(instruction):
+        return None
+    score = _critique_score(score_body)
+    if score is None:
+        return None
+    return Critique(think=(_last_block(text, "think") or "").strip(), score=score, instruction=instruction.strip())
+
+
+def critique_format_reward(text: str) -> float:
+    """1.0 if `text` is exactly <think>T</think> <score>S</score> <instruction>I</instruction> up to whitespace, with
+    T not blank, S a 0-10 score and I a usable instruction; else 0.0. The format term of a thinker's reward."""
+    matches = []
+    for m in _CRITIQUE_TAG_RE.finditer(text):
+        matches.append(m)
+        if len(matches) > len(_CRITIQUE_TAG_SEQUENCE):  # bail out early on "<score>" * 20000
+            return 0.0
+    if tuple(m.group(0) for m in matches) != _CRITIQUE_TAG_SEQUENCE:
+        return 0.0
+    outside = [text[: matches[0].start()], text[matches[-1].end() :]]
+    outside += [text[matches[i].end() : matches[i + 1].start()] for i in range(1, len(matches) - 1, 2)]
+    if any(part.strip() for part in outside):
+        return 0.0
+    think, score, instruction = (text[matches[i].end() : matches[i + 1].start()] for i in range(0, len(matches), 2))
+    if not think.strip() or _critique_score(score) is None or not _usable_instruction(instruction):
+        return 0.0
+    return 1.0
