@@ -61,9 +61,8 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-import openai
 from openai.types.chat import ChatCompletion
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -299,51 +298,31 @@ class Teacher(Protocol):
     def label(self, image: Image.Image, request: str) -> TeacherReply: ...  # raises LabelError
 
 
-class OpenAITeacher:
-    """A teacher behind an OpenAI-compatible chat-completions API, with the conventions of `judge.OpenAIJudge`.
+class OpenAITeacher(judge.ChatEndpoint):
+    """A teacher behind an OpenAI-compatible chat-completions API: a `judge.ChatEndpoint` that asks for a label.
 
-    The key is read once from `api_key_env` (MissingAPIKeyError before any work if it is unset and there is no
-    `default_key`) and redacted from every message. Transport retries are the `openai` client's (`max_retries`); a
-    200 reply that is not a label is asked again `parse_retries` times.
+    endpoint: ChatEndpoint's keyword arguments (base_url, api_key_env, default_key, timeout, max_retries,
+    temperature). So the key is read once (MissingAPIKeyError before any work if it is unset and there is no
+    `default_key`) and redacted from every message, and transport retries are the `openai` client's (`max_retries`).
+    A 200 reply that is not a label is asked again `parse_retries` times.
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        base_url: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
-        default_key: str | None = None,
-        max_concurrency: int = 8,
-        timeout: float = 120,
-        max_retries: int = 5,
-        parse_retries: int = 1,
-        temperature: float | None = 0.0,
-    ) -> None:
+    def __init__(self, model: str, *, max_concurrency: int = 8, parse_retries: int = 1, **endpoint: Any) -> None:
         if max_concurrency < 1 or parse_retries < 0:
             raise ValueError(
                 f"need max_concurrency >= 1 and parse_retries >= 0, got {max_concurrency}, {parse_retries}"
             )
-        key = os.environ.get(api_key_env) or default_key
-        if not key:
-            raise judge.MissingAPIKeyError(
-                f"teacher {model!r} needs an API key in the environment variable {api_key_env}, which is unset or empty"
-            )
-        self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
-        self.max_concurrency, self.timeout, self.max_retries = max_concurrency, timeout, max_retries
-        self.parse_retries, self.temperature = parse_retries, temperature
-        self.name = model if base_url is None else f"{model}@{base_url}"
-        self._secret = key  # kept only to redact it from error text
-        self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
-
-    def __repr__(self) -> str:
-        return f"OpenAITeacher(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+        super().__init__(model, role="teacher", **endpoint)
+        self.max_concurrency, self.parse_retries = max_concurrency, parse_retries
 
     def label(self, image: Image.Image, request: str) -> TeacherReply:
         messages = teacher_messages(image, request)
         attempts = 1 + self.parse_retries
         for _ in range(attempts):
-            response = self._create(messages)  # LabelError(REJECT_API) once the client's retries are spent
+            try:
+                response = self.create(messages, LABEL_RESPONSE_FORMAT)
+            except judge.ChatError as e:  # the client's retries are spent; the text is already redacted
+                raise LabelError(REJECT_API, str(e)) from None
             usage = response.usage
             try:
                 gold = parse_label(self._reply_text(response))
@@ -353,7 +332,7 @@ class OpenAITeacher:
                 last = e
                 continue
             return TeacherReply(gold, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
-        raise LabelError(last.reason, self._redact(f"{last.detail} ({attempts} replies, none usable)"))
+        raise LabelError(last.reason, self.redact(f"{last.detail} ({attempts} replies, none usable)"))
 
     @staticmethod
     def _reply_text(response: ChatCompletion) -> str:
@@ -363,24 +342,6 @@ class OpenAITeacher:
         if getattr(message, "refusal", None):
             raise LabelError(REJECT_REFUSAL, _snippet(message.refusal))
         return message.content or ""
-
-    def _create(self, messages: list[dict]) -> ChatCompletion:
-        optional = {} if self.temperature is None else {"temperature": self.temperature}
-        try:
-            return self._client.chat.completions.create(
-                model=self.model, messages=messages, response_format=LABEL_RESPONSE_FORMAT, **optional
-            )
-        except openai.APITimeoutError:
-            problem = f"no reply within the {self.timeout:g} s timeout ({self.max_retries} retries)"
-        except openai.APIConnectionError as e:
-            problem = f"connection failed ({self.max_retries} retries): {e}"
-        except openai.APIStatusError as e:
-            problem = f"HTTP {e.status_code}: {e.message}"
-        # Raised outside the except blocks so the openai error (which may echo the key) is not attached as context.
-        raise LabelError(REJECT_API, self._redact(f"{self.name}: {problem}"))
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "[redacted API key]")
 
 
 class LocalTeacher:
@@ -428,16 +389,9 @@ def make_teacher(
         "max_retries": max_retries,
         "parse_retries": parse_retries,
     }
-    if spec in judge.PRESETS:
-        model, base_url, key_env = judge.PRESETS[spec]
-        return OpenAITeacher(model, base_url=base_url, api_key_env=key_env, **settings)
-    if spec.startswith("openai:"):
-        model, _, url = spec.removeprefix("openai:").partition("@")
-        if not model or not url.startswith(("http://", "https://")):
-            raise ValueError(f"teacher spec {spec!r} should look like 'openai:MODEL@http://host:port/v1'")
-        return OpenAITeacher(
-            model, base_url=url, api_key_env=TEACHER_KEY_ENV, default_key=judge.LOCAL_SERVER_DUMMY_KEY, **settings
-        )
+    endpoint = judge.parse_api_spec(spec, "teacher", TEACHER_KEY_ENV)
+    if endpoint is not None:
+        return OpenAITeacher(**endpoint, **settings)
     if spec.startswith("local:") and spec.removeprefix("local:"):
         return LocalTeacher(spec.removeprefix("local:"))
     choices = ", ".join([*judge.PRESETS, "openai:MODEL@URL", "local:PATH"])

@@ -100,10 +100,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import huggingface_hub
-import openai
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -497,9 +496,9 @@ def build_judge(spec: str, concurrency: int) -> judging.OpenAIJudge | judging.Lo
     return judging.make_judge(spec, max_concurrency=concurrency)
 
 
-# The critic of the think rows. API critics follow judge.py's conventions (key from the environment variable the spec
-# names, PNG data URLs, the openai client's retries, redacted errors); agents.py may not import judge.py, so the API
-# critic lives here, next to the judges it mirrors.
+# The critic of the think rows. An API critic is a judge.ChatEndpoint, so it keeps the judges' conventions (key from
+# the environment variable the spec names, the openai client's retries, redacted errors) and sends PNG data URLs like
+# them; agents.py may not import judge.py, so the API critic lives here, next to the judges it mirrors.
 
 
 def critic_messages(sample: agents.CritiqueSample) -> list[dict]:
@@ -512,66 +511,31 @@ def critic_messages(sample: agents.CritiqueSample) -> list[dict]:
     return [{"role": "system", "content": agents.CRITIC_SYSTEM}, {"role": "user", "content": content}]
 
 
-class OpenAICritic:
-    """The critic-refiner behind an OpenAI-compatible chat API (GPT-4o, Gemini, a vLLM server).
+class OpenAICritic(judging.ChatEndpoint):
+    """The critic-refiner behind an OpenAI-compatible chat API (GPT-4o, Gemini, a vLLM server): a ChatEndpoint.
 
     The reply is free text in the critique format (agents.CRITIC_FORMAT; no JSON schema, the tags are the format), and
     is returned as it is: one that does not parse ends that example's loop, counted as "critique did not parse". An
     API failure after the client's retries becomes an agents.CriticFailure with a redacted reason. At most
-    `max_concurrency` requests are in flight.
+    `max_concurrency` requests are in flight. endpoint: ChatEndpoint's keyword arguments (base_url, api_key_env,
+    default_key, timeout, max_retries, temperature).
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        base_url: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
-        default_key: str | None = None,
-        max_concurrency: int = 8,
-        timeout: float = 120,
-        max_retries: int = 5,
-        temperature: float | None = 0.0,
-    ) -> None:
-        key = os.environ.get(api_key_env) or default_key
-        if not key:
-            raise judging.MissingAPIKeyError(
-                f"critic {model!r} needs an API key in the environment variable {api_key_env}, which is unset or empty"
-            )
-        self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
-        self.max_concurrency, self.temperature = max(1, max_concurrency), temperature
-        self.timeout, self.max_retries = timeout, max_retries
-        self.name = model if base_url is None else f"{model}@{base_url}"
-        self._secret = key  # kept only to redact it from error text
-        self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
-
-    def __repr__(self) -> str:
-        return f"OpenAICritic(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+    def __init__(self, model: str, *, max_concurrency: int = 8, **endpoint: Any) -> None:
+        super().__init__(model, role="critic", **endpoint)
+        self.max_concurrency = max(1, max_concurrency)
 
     def critique_many(self, samples: Sequence[agents.CritiqueSample]) -> list[str | agents.CriticFailure]:
         with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="critic") as pool:
             return list(pool.map(self._critique, samples))
 
     def _critique(self, sample: agents.CritiqueSample) -> str | agents.CriticFailure:
-        optional = {} if self.temperature is None else {"temperature": self.temperature}
         try:
-            response = self._client.chat.completions.create(
-                model=self.model, messages=critic_messages(sample), **optional
-            )
-            return judging.reply_text(response)
+            return judging.reply_text(self.create(critic_messages(sample)))
+        except judging.ChatError as err:  # an API failure after the client's retries; its text is already redacted
+            return agents.CriticFailure(str(err))
         except judging.JudgeError as err:  # a 200 reply with no text or a refusal
-            problem = str(err)
-        except openai.APITimeoutError:
-            problem = f"no reply within the {self.timeout:g} s timeout ({self.max_retries} retries)"
-        except openai.APIConnectionError as err:
-            problem = f"connection failed ({self.max_retries} retries): {err}"
-        except openai.APIStatusError as err:
-            problem = f"HTTP {err.status_code}: {err.message}"
-        # Built outside the except blocks and redacted: servers echo keys back ("Incorrect API key provided: ...").
-        return agents.CriticFailure(self._secret_free(f"{self.name}: {problem}"))
-
-    def _secret_free(self, text: str) -> str:
-        return text.replace(self._secret, "[redacted API key]")
+            return agents.CriticFailure(self.redact(f"{self.name}: {err}"))
 
 
 SHAPES_REFINED_PREFIX = "shapes+"  # "shapes+local:PATH": the shapes rubric's score, a local model's instruction
@@ -592,20 +556,9 @@ def build_critic(spec: str, args: Args, load_agent: Callable[[str], agents.Agent
         return agents.LocalCritic(
             model, processor, name=spec, max_new_tokens=args.max_new_tokens, batch_size=args.agent_batch_size
         )
-    if spec in judging.PRESETS:
-        model, base_url, key_env = judging.PRESETS[spec]
-        return OpenAICritic(model, base_url=base_url, api_key_env=key_env, max_concurrency=args.judge_concurrency)
-    if spec.startswith("openai:"):
-        model, _, url = spec.removeprefix("openai:").partition("@")
-        if not model or not url.startswith(("http://", "https://")):
-            raise ValueError(f"critic spec {spec!r} should look like 'openai:MODEL@http://host:port/v1'")
-        return OpenAICritic(
-            model,
-            base_url=url,
-            api_key_env=judging.LOCAL_SERVER_KEY_ENV,
-            default_key=judging.LOCAL_SERVER_DUMMY_KEY,
-            max_concurrency=args.judge_concurrency,
-        )
+    endpoint = judging.parse_api_spec(spec, "critic", judging.LOCAL_SERVER_KEY_ENV)
+    if endpoint is not None:
+        return OpenAICritic(**endpoint, max_concurrency=args.judge_concurrency)
     choices = ", ".join([*judging.PRESETS, "openai:MODEL@URL", "local:PATH", "shapes", "shapes+local:PATH"])
     raise ValueError(f"unknown critic spec {spec!r}; expected one of: {choices}")
 

@@ -30,6 +30,9 @@ Failure handling, from the wire up:
 The API key is read only from the environment variable the caller names, at construction (a missing key fails
 before any work starts). It is handed to the client, which sends it only as the `Authorization` header; it is kept
 out of every message we build (errors are redacted, since servers sometimes echo the key back) and out of `repr`.
+These conventions (key, client, transport errors, redaction) are implemented once, in `ChatEndpoint`, which
+`OpenAIJudge`, data.py's teacher and evaluate.py's critic all build on; `parse_api_spec` reads the specs all three
+accept ("gpt-4o", "gemini-2.5-flash", "openai:MODEL@URL").
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import Any
 
 import openai
 from openai.types.chat import ChatCompletion
@@ -77,7 +81,15 @@ class JudgeError(ValueError):
 
 
 class MissingAPIKeyError(RuntimeError):
-    """The environment variable that should hold a judge's API key is unset or empty."""
+    """The environment variable that should hold an API key (a judge's, the teacher's, the critic's) is unset or empty."""
+
+
+class ChatError(RuntimeError):
+    """A chat-completions request that failed after the client's retries: timeout, connection or HTTP status.
+
+    The message names the endpoint and the problem, with the API key already redacted. It is raised outside any
+    `except` block, so the openai error (whose text may echo the key) is not attached as its __context__.
+    """
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,59 +239,102 @@ Sample = tuple[Image.Image, Image.Image, str]  # (original, edited, edit request
 Progress = Callable[[int], None]  # called with 1 as each sample finishes, e.g. a tqdm bar's `update`
 
 
-class OpenAIJudge:
-    """A judge behind an OpenAI-compatible chat-completions API.
+class ChatEndpoint:
+    """One OpenAI-compatible chat-completions endpoint, with the conventions every API caller of this project keeps.
 
-    model: the served model name. base_url: None means the `openai` default (api.openai.com, or $OPENAI_BASE_URL).
-    api_key_env: the environment variable holding the key (read once, here). default_key: used when that variable is
-    unset, only for local servers that check no key (vLLM's convention is "EMPTY"). max_concurrency: requests in
-    flight in `judge_many`. timeout: seconds per HTTP attempt. max_retries: the client's transport retries (see the
-    module docstring). parse_retries: extra requests after a 200 reply that is not a valid verdict.
-    temperature: 0 for the most repeatable scores; None leaves it out (for models that reject it).
+    `OpenAIJudge`, data.py's teacher and evaluate.py's critic are built on it (as subclasses), so these rules live once:
+
+    - The key is read once, here, from the environment variable `api_key_env`, or is `default_key` when that is unset
+      (only for local servers that check no key: vLLM's convention is "EMPTY"). No key at all is a MissingAPIKeyError
+      that names the variable, raised at construction, before any work starts. `role` ("judge", "teacher", "critic")
+      names the caller in that message.
+    - One `openai.OpenAI` client serves all threads (its HTTP connection pool is thread-safe). It retries transport
+      errors itself, `max_retries` times with `timeout` seconds per attempt (module docstring, point 1).
+    - The key appears in no `repr` and no message: `redact` removes it from any text, since servers echo it back
+      ("Incorrect API key provided: ..."), and `create` raises a ChatError whose text is already redacted.
+
+    base_url: None means the `openai` default (api.openai.com, or $OPENAI_BASE_URL). temperature: 0 for the most
+    repeatable replies; None leaves it out (for models that reject it).
     """
 
     def __init__(
         self,
         model: str,
         *,
+        role: str = "endpoint",
         base_url: str | None = None,
         api_key_env: str = "OPENAI_API_KEY",
-        max_concurrency: int = 8,
+        default_key: str | None = None,
         timeout: float = 120,
         max_retries: int = 5,
         temperature: float | None = 0.0,
-        parse_retries: int = 2,
-        default_key: str | None = None,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         key = os.environ.get(api_key_env) or default_key
         if not key:
             raise MissingAPIKeyError(
-                f"judge {model!r} needs an API key in the environment variable {api_key_env}, which is unset or empty"
+                f"{role} {model!r} needs an API key in the environment variable {api_key_env}, which is unset or empty"
             )
         self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
-        self.max_concurrency, self.timeout, self.max_retries = max_concurrency, timeout, max_retries
-        self.temperature, self.parse_retries = temperature, parse_retries
+        self.timeout, self.max_retries, self.temperature = timeout, max_retries, temperature
         self.name = model if base_url is None else f"{model}@{base_url}"
         self._secret = key  # kept only to redact it from error text
         # One client for all threads: its HTTP connection pool is thread-safe.
         self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
     def __repr__(self) -> str:
-        return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+        name = type(self).__name__
+        return f"{name}(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+
+    def create(self, messages: list[dict], response_format: dict | None = None) -> ChatCompletion:
+        """One chat completion; the client retries transport errors itself, and what is left becomes a ChatError."""
+        optional = {} if response_format is None else {"response_format": response_format}
+        if self.temperature is not None:
+            optional["temperature"] = self.temperature
+        try:
+            return self._client.chat.completions.create(model=self.model, messages=messages, **optional)
+        except openai.APITimeoutError:
+            problem = f"no reply within the {self.timeout:g} s timeout ({self.max_retries} retries)"
+        except openai.APIConnectionError as err:
+            problem = f"connection failed ({self.max_retries} retries): {err}"
+        except openai.APIStatusError as err:
+            problem = f"HTTP {err.status_code}: {err.message}"
+        # Raised outside the except blocks so the openai error (whose text may echo the key) is not attached as
+        # __context__; servers do echo keys back ("Incorrect API key provided: ..."), hence the redaction.
+        raise ChatError(self.redact(f"{self.name}: {problem}"))
+
+    def redact(self, text: str) -> str:
+        """`text` with the API key replaced by "[redacted API key]"."""
+        return text.replace(self._secret, "[redacted API key]")
+
+
+class OpenAIJudge(ChatEndpoint):
+    """A judge behind an OpenAI-compatible chat-completions API: a ChatEndpoint that asks the rubric.
+
+    model: the served model name. endpoint: ChatEndpoint's keyword arguments (base_url, api_key_env, default_key,
+    timeout, max_retries, temperature; the key is read once, here). max_concurrency: requests in flight in
+    `judge_many`. parse_retries: extra requests after a 200 reply that is not a valid verdict.
+    """
+
+    def __init__(self, model: str, *, max_concurrency: int = 8, parse_retries: int = 2, **endpoint: Any) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        super().__init__(model, role="judge", **endpoint)
+        self.max_concurrency, self.parse_retries = max_concurrency, parse_retries
 
     def judge(self, original: Image.Image, edited: Image.Image, request: str) -> Verdict:
         """Score one edit. Raises JudgeError (with a redacted, specific reason) when no valid verdict came back."""
         messages = rubric_messages(original, edited, request)
         attempts = 1 + self.parse_retries
         for _ in range(attempts):
-            response = self._create(messages)  # an API failure raises here: the client has already retried it
+            try:
+                response = self.create(messages, RESPONSE_FORMAT)
+            except ChatError as err:  # an API failure: the client has already retried it
+                raise JudgeError(str(err)) from None
             try:
                 return parse_verdict(reply_text(response))
             except JudgeError as err:  # a 200 reply that is no verdict: ask again
                 last_problem = err
-        raise JudgeError(self._redact(f"{self.name}: no valid verdict in {attempts} replies; last: {last_problem}"))
+        raise JudgeError(self.redact(f"{self.name}: no valid verdict in {attempts} replies; last: {last_problem}"))
 
     def judge_many(self, samples: Sequence[Sample], progress: Progress | None = None) -> list[Verdict | JudgeFailure]:
         """Score many edits with at most `max_concurrency` requests in flight; one result per sample, in order."""
@@ -295,26 +350,6 @@ class OpenAIJudge:
             return self.judge(original, edited, request)
         except JudgeError as err:
             return JudgeFailure(str(err))
-
-    def _create(self, messages: list[dict]) -> ChatCompletion:
-        """One chat completion; the client retries transport errors itself, and what is left becomes a JudgeError."""
-        optional = {} if self.temperature is None else {"temperature": self.temperature}
-        try:
-            return self._client.chat.completions.create(
-                model=self.model, messages=messages, response_format=RESPONSE_FORMAT, **optional
-            )
-        except openai.APITimeoutError:
-            problem = f"no reply within the {self.timeout:g} s timeout ({self.max_retries} retries)"
-        except openai.APIConnectionError as err:
-            problem = f"connection failed ({self.max_retries} retries): {err}"
-        except openai.APIStatusError as err:
-            problem = f"HTTP {err.status_code}: {err.message}"
-        # Raised outside the except blocks so the openai error (whose text may echo the key) is not attached as
-        # __context__; servers do echo keys back ("Incorrect API key provided: ..."), hence the redaction.
-        raise JudgeError(self._redact(f"{self.name}: {problem}"))
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "[redacted API key]")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -391,23 +426,35 @@ LOCAL_SERVER_KEY_ENV = "JUDGE_API_KEY"
 LOCAL_SERVER_DUMMY_KEY = "EMPTY"  # vLLM's convention for a server started without --api-key
 
 
+def parse_api_spec(spec: str, role: str, server_key_env: str) -> dict[str, Any] | None:
+    """ChatEndpoint's keyword arguments for a spec that names an API, or None for any other spec.
+
+    "gpt-4o", "gemini-2.5-flash": the paper's judges (PRESETS: model, base URL, key variable). "openai:MODEL@URL": any
+    OpenAI-compatible server, e.g. vLLM at http://host:8000/v1, its key in `server_key_env`; when that is unset the
+    dummy key "EMPTY" is sent, since such servers usually check none. A malformed "openai:" spec is a ValueError that
+    names the role ("judge spec ...").
+    """
+    if spec in PRESETS:
+        model, base_url, key_env = PRESETS[spec]
+        return {"model": model, "base_url": base_url, "api_key_env": key_env}
+    if spec.startswith("openai:"):
+        model, _, url = spec.removeprefix("openai:").partition("@")
+        if not model or not url.startswith(("http://", "https://")):
+            raise ValueError(f"{role} spec {spec!r} should look like 'openai:MODEL@http://host:port/v1'")
+        return {"model": model, "base_url": url, "api_key_env": server_key_env, "default_key": LOCAL_SERVER_DUMMY_KEY}
+    return None
+
+
 def make_judge(spec: str, **kw) -> OpenAIJudge | LocalJudge:
     """Build a judge from a short spec; keyword arguments go to the judge's constructor.
 
     "gpt-4o", "gemini-2.5-flash": the paper's judges (keys in OPENAI_API_KEY, GEMINI_API_KEY).
-    "openai:MODEL@URL": any OpenAI-compatible server, e.g. vLLM at http://host:8000/v1. Its key comes from
-    JUDGE_API_KEY; when that is unset the dummy key "EMPTY" is sent, since such servers usually check none.
+    "openai:MODEL@URL": any OpenAI-compatible server (key in JUDGE_API_KEY, else "EMPTY"; see `parse_api_spec`).
     "local:PATH": a VLM run in this process (`LocalJudge`).
     """
-    if spec in PRESETS:
-        model, base_url, key_env = PRESETS[spec]
-        return OpenAIJudge(model, base_url=base_url, api_key_env=key_env, **kw)
-    if spec.startswith("openai:"):
-        model, _, url = spec.removeprefix("openai:").partition("@")
-        if not model or not url.startswith(("http://", "https://")):
-            raise ValueError(f"judge spec {spec!r} should look like 'openai:MODEL@http://host:port/v1'")
-        kw.setdefault("default_key", LOCAL_SERVER_DUMMY_KEY)
-        return OpenAIJudge(model, base_url=url, api_key_env=LOCAL_SERVER_KEY_ENV, **kw)
+    endpoint = parse_api_spec(spec, "judge", LOCAL_SERVER_KEY_ENV)
+    if endpoint is not None:
+        return OpenAIJudge(**(endpoint | kw))  # kw may replace the dummy default_key
     if spec.startswith("local:"):
         path = spec.removeprefix("local:")
         if not path:
