@@ -367,6 +367,32 @@ def evaluate(engine, processor, examples: list[data.RLExample], args: Args, rank
     return {f"eval/{k}": sums[i] / n for i, k in enumerate(names)}
 
 
+def step_metrics(breakdowns, batch: grpo.Batch, stats: dict, group_size: int, device) -> dict[str, float]:
+    """The step's logged means over ALL ranks: reward components (mean, std), zero-spread groups, token-weighted
+    loss metrics, completion length and the loss. Every rank contributes sums; one all_reduce adds them up."""
+    components = ("reward", "format", "action", "subject", "goal")
+    values = np.array([[r.total, r.format, r.action, r.subject, r.goal] for r in breakdowns])  # (B, 5)
+    totals = values[:, 0].reshape(-1, group_size)  # (N, G)
+    tokens = float(batch.completion_mask.sum())
+    sums = {"n": len(breakdowns), "groups": len(totals), "tokens": tokens, "loss": stats["loss"]}
+    sums["zero_spread"] = float((totals.max(1) - totals.min(1) <= grpo.EQUAL_TOL).sum())
+    for i, name in enumerate(components):
+        sums[name], sums[name + "^2"] = values[:, i].sum(), (values[:, i] ** 2).sum()
+    token_weighted = ("kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "entropy")
+    for name in token_weighted:
+        sums[name] = stats[name] * tokens
+    g = dict(zip(sums, global_sum(list(sums.values()), device)))  # collective
+    out = {}
+    for name in components:
+        mean = g[name] / g["n"]
+        out[f"{name}_mean"], out[f"{name}_std"] = mean, math.sqrt(max(g[name + "^2"] / g["n"] - mean**2, 0.0))
+    out["zero_spread_frac"] = g["zero_spread"] / g["groups"]
+    out.update({name: g[name] / max(g["tokens"], 1.0) for name in token_weighted})
+    out["loss"] = g["loss"]  # each rank's loss is its share of the global loss (global denominator)
+    out["completion_len"] = g["tokens"] / g["n"]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -444,7 +470,7 @@ def main(argv=None) -> None:
         _, client_state = engine.load_checkpoint(str(ckpt_dir))  # collective
         start_step = client_state["step"]
         if rank == 0:
-            for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+            for name in ("metrics.jsonl", "samples.jsonl"):
                 truncate_jsonl(out_dir / name, start_step)
         print0(f"resumed from step {start_step}")
     if rank == 0:
@@ -503,32 +529,14 @@ def main(argv=None) -> None:
         stats = update_policy(engine, batch, args, world, device)
         timings["update"] = time.perf_counter() - t
 
-        # 6. log: reward components and spreads over the global batch
-        comps = np.array([[r.total, r.format, r.action, r.subject, r.goal] for r in breakdowns])  # (B, 5)
-        groups = total.view(-1, args.group_size)
-        zero_spread = float(((groups.max(1).values - groups.min(1).values) <= grpo.EQUAL_TOL).sum())
-        gen_tokens = float(batch.completion_mask.sum())
-        local = [*comps.sum(0), *(comps**2).sum(0), len(breakdowns), zero_spread, len(examples), gen_tokens]
-        local += [stats[k] * gen_tokens for k in ("kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "entropy")]
-        local += [stats["loss"]]  # each rank's share of the global loss: the sum over ranks is the loss
-        g = global_sum(local, device)  # collective
-        n, tok = g[10], max(g[13], 1.0)
-        names = ["reward", "format", "action", "subject", "goal"]
-        record = {"step": step + 1}
-        for i, k in enumerate(names):
-            mean = g[i] / n
-            record[f"{k}_mean"] = mean
-            record[f"{k}_std"] = math.sqrt(max(g[5 + i] / n - mean**2, 0.0))
-        record["zero_spread_frac"] = g[11] / g[12]
-        for i, k in enumerate(["kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "entropy"]):
-            record[k] = g[14 + i] / tok
-        record["loss"] = g[19]
-        record["completion_len"] = tok / n
+        # 6. log: means over the global batch (one collective), then evaluate, write, checkpoint
+        record = {"step": step + 1, **step_metrics(breakdowns, batch, stats, args.group_size, device)}
         record["grad_norm"] = stats["grad_norm"]
         record["lr"] = scheduler.get_last_lr()[0]
         record.update({f"time/{k}": v for k, v in timings.items()})
-        record["tokens_per_s"] = tok / max(sum(timings.values()), 1e-9)
-        record["gen_tokens_per_s"] = tok / max(timings["generate"], 1e-9)
+        tokens = record["completion_len"] * len(breakdowns) * world
+        record["tokens_per_s"] = tokens / max(sum(timings.values()), 1e-9)
+        record["gen_tokens_per_s"] = tokens / max(timings["generate"], 1e-9)
 
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             engine.eval()
