@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {p.stem: p for p in REPO.glob("*.py")}
-ENTRY_SCRIPTS = {"train", "evaluate", "warmup", "bench"}  # run, never imported
+ENTRY_SCRIPTS = {"train", "evaluate", "warmup", "bench", "demo"}  # run, never imported
 
 
 def imports(path: Path) -> set[str]:

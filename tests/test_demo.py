@@ -1,0 +1,144 @@
+"""`make demo` in reduced form (issue 6): demo.py end to end in a subprocess, as a user runs it, with few scenes and
+steps. It checks that every artefact is written and that the tables agree with evaluate.py's judgement records,
+recomputed here independently. The aggregation over seeds (mean ± std, paired gaps) is checked on hand-made numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import demo
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+GRPO_STEPS = 2
+REDUCED = [
+    "--train-scenes", "24", "--val-scenes", "4", "--test-scenes", "6", "--warmup-steps", "4",
+    "--warmup-batch-size", "4", "--warmup-examples", "16", "--grpo-steps", str(GRPO_STEPS), "--prompts-per-step", "2",
+    "--group-size", "4", "--max-new-tokens", "16", "--micro-batch-size", "8", "--eval-every", "2",
+    "--agent-max-new-tokens", "16",
+]  # fmt: skip
+METHODS = ["original", "chain", "chain/multi", "chain-rl", "chain-rl/multi"]
+
+
+@pytest.fixture(scope="module")
+def reduced_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("demo") / "runs"
+    proc = subprocess.run(
+        [sys.executable, "demo.py", "--out", str(out), "--seeds", "3", *REDUCED],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def recomputed_means(eval_dir: Path) -> dict[str, dict[str, float]]:
+    """method -> mean of each criterion over its judgement records (the last record of a key wins)."""
+    latest = {}
+    for line in (eval_dir / "judgements.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        latest[(record["example_id"], record["method"])] = record
+    means: dict[str, dict[str, float]] = {}
+    for method in {m for _, m in latest}:
+        records = [r for (_, m), r in latest.items() if m == method and r["status"] == "ok"]
+        means[method] = {c: sum(r[c] for r in records) / len(records) for c in demo.CRITERIA}
+        means[method]["judged"] = len(records)
+    return means
+
+
+@pytest.mark.slow
+def test_reduced_demo_writes_every_artefact(reduced_demo):
+    out, _ = reduced_demo
+    seed_dir = out / "seed3"
+    for rel in ["results.md", "results.csv", "args.json", "seed3/reward_curves.png", "seed3/timings.json",
+                "seed3/eval/table1.md", "seed3/eval/table1.csv", "seed3/eval/subscores.md",
+                "seed3/eval/subscores.csv", "seed3/eval/report.html", "seed3/grpo/policy/model.safetensors",
+                "seed3/warm/model.safetensors", "seed3/data/test.jsonl"]:  # fmt: skip
+        assert (out / rel).is_file() and (out / rel).stat().st_size > 0, rel
+    assert (seed_dir / "reward_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = [json.loads(line) for line in (seed_dir / "grpo/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, GRPO_STEPS + 1))
+    # the held-out test scenes are not training scenes: the splits come from different generator seeds
+    ids = {split: {json.loads(x)["id"] for x in (seed_dir / f"data/{split}.jsonl").read_text().splitlines()}
+           for split in ("train", "val", "test")}  # fmt: skip
+    assert not ids["test"] & (ids["train"] | ids["val"])
+    report = (seed_dir / "eval/report.html").read_text()
+    assert all(f"<code>{m}</code>" in report for m in METHODS)
+
+
+@pytest.mark.slow
+def test_tables_agree_with_the_judgement_records(reduced_demo):
+    out, proc = reduced_demo
+    means = recomputed_means(out / "seed3" / "eval")
+    assert sorted(means) == sorted(METHODS)
+    with (out / "results.csv").open(newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == sorted(METHODS)
+    edits = [json.loads(line) for line in (out / "seed3/eval/edits.jsonl").read_text().splitlines()]
+    for method, row in rows.items():
+        assert row["seed"] == "3" and int(row["judged"]) == means[method]["judged"] == 6
+        fallbacks = sum(1 for e in edits if e["method"] == method and (e["chain"] or {}).get("fallback"))
+        assert int(row["fallbacks"]) == fallbacks, method
+        for c in demo.CRITERIA:
+            assert float(row[c]) == pytest.approx(means[method][c], abs=1e-9), (method, c)
+    table1 = {}
+    with (out / "seed3/eval/table1.csv").open(newline="") as f:
+        for r in csv.DictReader(f):
+            table1[r["method"]] = float(r["Average"])
+    results_md = (out / "results.md").read_text()
+    for method, label in demo.TABLE1_ROWS.items():
+        assert table1[method] == pytest.approx(means[method]["total"], abs=1e-9)
+        assert f"| {label} | {means[method]['total']:.2f} |" in results_md
+        assert f"| {label} | {means[method]['total']:.2f} |" in proc.stdout  # the table is printed at the end
+
+
+@pytest.mark.slow
+def test_second_run_skips_finished_stages(reduced_demo):
+    out, _ = reduced_demo
+    before = (out / "seed3/grpo/policy/model.safetensors").stat().st_mtime_ns
+    proc = subprocess.run(
+        [sys.executable, "demo.py", "--out", str(out), "--seeds", "3", *REDUCED],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "$ " + Path(sys.executable).name + " warmup.py" not in proc.stdout
+    assert " train.py " not in proc.stdout
+    assert (out / "seed3/grpo/policy/model.safetensors").stat().st_mtime_ns == before
+
+
+def test_aggregate_over_seeds_reports_mean_std_and_paired_gaps(tmp_path):
+    def scores(total: float, fallbacks: int = 0) -> dict[str, float]:
+        return {"fulfilment": total / 2, "quality": 2.0, "preservation": 3.0, "total": total, "judged": 10,
+                "fallbacks": fallbacks}  # fmt: skip
+
+    per_seed = {
+        0: {"original": scores(8.0), "chain": scores(6.0, 2), "chain-rl": scores(9.0)},
+        1: {"original": scores(8.2), "chain": scores(6.4, 3), "chain-rl": scores(9.4)},
+        2: {"original": scores(8.4), "chain": scores(6.2, 4), "chain-rl": scores(9.8)},
+    }
+    metrics = [{"step": k, "reward_mean": k / 10} for k in range(1, 11)]  # sampled 0.3 -> 0.8 (first/last 5)
+    metrics[4] |= {"eval/reward": 0.25, "eval/subject": 0.1}
+    metrics[9] |= {"eval/reward": 0.5, "eval/subject": 0.2}
+    training = {s: demo.training_summary(metrics) for s in per_seed}
+    text = demo.write_results(tmp_path, per_seed, training)
+    assert "| Original | 8.20 ± 0.20 | 4.10 ± 0.10 | 2.00 ± 0.00 | 3.00 ± 0.00 | 0.0 ± 0.0 | 8.00, 8.20, 8.40 |" in text
+    assert "| chain w/o RL | 6.20 ± 0.20 |" in text and "| 3.0 ± 1.0 | 6.00, 6.40, 6.20 |" in text
+    assert "| chain with RL | 9.40 ± 0.40 |" in text
+    assert "| chain w/o RL | 3.20 ± 0.35 | +3.00, +3.00, +3.60 | 0.40 | 0.20 | yes |" in text
+    assert "| Original | 1.20 ± 0.20 | +1.00, +1.20, +1.40 | 0.40 | 0.20 | yes |" in text
+    assert "| 0 | 0.300 | 0.800 | 0.250 (step 5) -> 0.500 (step 10) | 0.100 -> 0.200 |" in text
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 9 and {r["seed"] for r in rows} == {"0", "1", "2"}
+    per_seed[2]["chain-rl"] = scores(8.2)  # RL's totals 9.0, 9.4, 8.2 (std 0.61); mean gap over Original 0.67
+    text = demo.write_results(tmp_path, per_seed, training)
+    assert "| Original | 0.67 ± 0.76 | +1.00, +1.20, -0.20 | 0.61 | 0.20 | yes |" in text
+    per_seed[1]["chain-rl"] = scores(8.4)  # totals 9.0, 8.4, 8.2: the gap 0.33 is inside the RL row's std 0.42
+    text = demo.write_results(tmp_path, per_seed, training)
+    assert "| Original | 0.33 ± 0.61 | +1.00, +0.20, -0.20 | 0.42 | 0.20 | no |" in text
