@@ -45,40 +45,31 @@ class PolicyNotFoundError(FileNotFoundError):
     """The policy's weights are neither a local folder nor in the local Hugging Face cache."""
 
 
-class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL's stock processor without the video processor, so it works without torchvision.
+class _ImageOnly:
+    """Mixin for a stock Qwen-VL processor without its video processor, so it works without torchvision.
 
-    It still saves as "Qwen2_5_VLProcessor", so a machine with torchvision can load the folder with AutoProcessor.
+    It still saves under the stock class name (`stock_class_name`), so a machine with torchvision can load the folder
+    with AutoProcessor.
     """
 
+    stock_class_name: str
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return ["image_processor", "tokenizer"]
+
+    def save_pretrained(self, save_directory, **kwargs):
+        saved = super().save_pretrained(save_directory, **kwargs)
+        write_stock_processor_class(save_directory, self.stock_class_name)
+        return saved
+
+
+class Qwen2_5_VLImageOnlyProcessor(_ImageOnly, Qwen2_5_VLProcessor):
     stock_class_name = "Qwen2_5_VLProcessor"
 
-    @classmethod
-    def get_attributes(cls) -> list[str]:
-        return ["image_processor", "tokenizer"]
 
-    def save_pretrained(self, save_directory, **kwargs):
-        saved = super().save_pretrained(save_directory, **kwargs)
-        write_stock_processor_class(save_directory, self.stock_class_name)
-        return saved
-
-
-class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
-    """Qwen3-VL's stock processor without the video processor, so it works without torchvision.
-
-    It still saves as "Qwen3VLProcessor", so a machine with torchvision can load the folder with AutoProcessor.
-    """
-
+class Qwen3VLImageOnlyProcessor(_ImageOnly, Qwen3VLProcessor):
     stock_class_name = "Qwen3VLProcessor"
-
-    @classmethod
-    def get_attributes(cls) -> list[str]:
-        return ["image_processor", "tokenizer"]
-
-    def save_pretrained(self, save_directory, **kwargs):
-        saved = super().save_pretrained(save_directory, **kwargs)
-        write_stock_processor_class(save_directory, self.stock_class_name)
-        return saved
 
 
 IMAGE_ONLY_PROCESSORS = {"qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor, "qwen3_vl": Qwen3VLImageOnlyProcessor}
