@@ -290,22 +290,28 @@ def gold_from_lists(
 # Rewards
 
 
-def format_reward(text: str) -> float:
-    """1.0 if `text` is exactly the four blocks in order, whitespace around them, no empty body; else 0.0."""
+def _exact_block_bodies(text: str, tag_re: re.Pattern, sequence: tuple[str, ...]) -> list[str] | None:
+    """The bodies of the blocks when `text` is exactly those blocks (tags in `sequence` order, each once, only
+    whitespace outside them); None otherwise. Shared by both strict format rewards."""
     matches = []
-    for m in _TAG_RE.finditer(text):
+    for m in tag_re.finditer(text):
         matches.append(m)
-        if len(matches) > len(_TAG_SEQUENCE):  # bail out early on "<action>" * 20000
-            return 0.0
-    if tuple(m.group(0) for m in matches) != _TAG_SEQUENCE:
-        return 0.0
+        if len(matches) > len(sequence):  # bail out early on "<action>" * 20000
+            return None
+    if tuple(m.group(0) for m in matches) != sequence:
+        return None
     # Text outside the blocks: before the first tag, between each close and the next open, after the last.
     outside = [text[: matches[0].start()], text[matches[-1].end() :]]
     outside += [text[matches[i].end() : matches[i + 1].start()] for i in range(1, len(matches) - 1, 2)]
     if any(part.strip() for part in outside):
-        return 0.0
-    bodies = [text[matches[i].end() : matches[i + 1].start()] for i in range(0, len(matches), 2)]
-    if not bodies[0].strip() or not all(parse_items(body) for body in bodies[1:]):
+        return None
+    return [text[matches[i].end() : matches[i + 1].start()] for i in range(0, len(matches), 2)]
+
+
+def format_reward(text: str) -> float:
+    """1.0 if `text` is exactly the four blocks in order, whitespace around them, no empty body; else 0.0."""
+    bodies = _exact_block_bodies(text, _TAG_RE, _TAG_SEQUENCE)
+    if bodies is None or not bodies[0].strip() or not all(parse_items(body) for body in bodies[1:]):
         return 0.0
     return 1.0
 
@@ -409,18 +415,10 @@ def parse_critique(text: str) -> Critique | None:
 def critique_format_reward(text: str) -> float:
     """1.0 if `text` is exactly <think>T</think> <score>S</score> <instruction>I</instruction> up to whitespace, with
     T not blank, S a 0-10 score and I a usable instruction; else 0.0. The format term of a thinker's reward."""
-    matches = []
-    for m in _CRITIQUE_TAG_RE.finditer(text):
-        matches.append(m)
-        if len(matches) > len(_CRITIQUE_TAG_SEQUENCE):  # bail out early on "<score>" * 20000
-            return 0.0
-    if tuple(m.group(0) for m in matches) != _CRITIQUE_TAG_SEQUENCE:
+    bodies = _exact_block_bodies(text, _CRITIQUE_TAG_RE, _CRITIQUE_TAG_SEQUENCE)
+    if bodies is None:
         return 0.0
-    outside = [text[: matches[0].start()], text[matches[-1].end() :]]
-    outside += [text[matches[i].end() : matches[i + 1].start()] for i in range(1, len(matches) - 1, 2)]
-    if any(part.strip() for part in outside):
-        return 0.0
-    think, score, instruction = (text[matches[i].end() : matches[i + 1].start()] for i in range(0, len(matches), 2))
+    think, score, instruction = bodies
     if not think.strip() or _critique_score(score) is None or not _usable_instruction(instruction):
         return 0.0
     return 1.0
