@@ -113,10 +113,11 @@ import editors
 import judge as judging
 import policy
 import shapes
+import tasks
 from cli import arg, parse_dataclass_args
 
 PAPER_AGENT = "Qwen/Qwen2.5-VL-7B-Instruct"
-SHAPES_JUDGE_SPECS = ("shapes", shapes.ShapesJudge.name)  # the miniature's programmatic judge
+SHAPES_JUDGE_SPECS = tasks.SHAPES_JUDGE_SPECS  # the miniature's programmatic judge
 JUDGE_BATCH_PER_WORKER = 4  # a judge batch is 4 x --judge-concurrency edits: records land often, the pool stays full
 CRITERIA = ("fulfilment", "quality", "preservation")  # the rubric's sub-scores (judge.Verdict's fields)
 POLL_SECONDS = 0.5  # how often the main process counts the workers' records for the progress bar
@@ -457,8 +458,6 @@ def load_samples(args: Args) -> dict[str, list[benchmarks.EditExample]]:
 
 def build_editor(args: Args) -> editors.Editor:
     """The editing agent; nothing is loaded until its first edit."""
-    if args.editor == shapes.ProceduralEditor.name:
-        return shapes.ProceduralEditor()
     options = editors.EditorOptions(
         model=args.editor_path,
         dtype=args.editor_dtype,
@@ -467,7 +466,7 @@ def build_editor(args: Args) -> editors.Editor:
         steps=args.editor_steps,
         guidance=args.editor_guidance,
     )
-    return editors.make_editor(args.editor, options)
+    return tasks.make_editor(args.editor, options)
 
 
 def check_editor(editor: editors.Editor) -> None:
@@ -489,11 +488,7 @@ def check_editor(editor: editors.Editor) -> None:
 
 
 def build_judge(spec: str, concurrency: int) -> judging.OpenAIJudge | judging.LocalJudge | shapes.ShapesJudge:
-    if spec in SHAPES_JUDGE_SPECS:
-        return shapes.ShapesJudge()
-    if spec.startswith("local:"):
-        return judging.make_judge(spec)
-    return judging.make_judge(spec, max_concurrency=concurrency)
+    return tasks.make_judge(spec, concurrency)
 
 
 # The critic of the think rows. An API critic is a judge.ChatEndpoint, so it keeps the judges' conventions (key from

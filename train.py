@@ -1,12 +1,17 @@
-"""GRPO training of ImageEdit-R1's decomposition agent under DeepSpeed ZeRO (paper §2.2, §3.1).
+"""GRPO training of ImageEdit-R1's decomposition agent (or EditThinker's critic) under DeepSpeed ZeRO (§2.2, §3.1).
 
     python train.py --gpus 8                                   # the paper's run: Qwen2.5-VL-7B-Instruct, G = 8
     python train.py --gpus 0 --model tiny/qwen2_5_vl ...       # the same file on a CPU, one process
     python train.py --gpus 2 --zero-stage 3 ...                # two processes (GPUs, or CPU processes with gloo)
+    python train.py --agent think --editor shapes --judge shapes ...   # EditThinker's critic-refiner instead
+
+What is trained is a task (tasks.py): the agent's prompt and its reward. `--agent` picks one of the two defined
+there; `main(task=...)` takes any other object with the same few methods. Nothing below depends on which it is.
 
 One step, top to bottom (see `main`):
     1. rollout:    each rank samples G completions for each of its prompts (all G of a prompt stay on one rank)
-    2. reward:     format + set-F1 of actions, subjects, goals against the gold labels (rewards.py)
+    2. reward:     the task's: format + set-F1 of actions, subjects, goals (decompose), or format + score accuracy +
+                   the judged gain of re-editing the source with the refined instruction (think)
     3. advantage:  group-normalised within each prompt's G samples (grpo.group_advantages): no reward crosses ranks
     4. log-probs:  old policy (only when it differs from the current one) and the frozen reference policy
     5. update:     mu epochs over mini-batches, each split into micro-batches with gradient accumulation
@@ -38,11 +43,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-import agents
 import data
 import grpo
 import policy
-import rewards
+import tasks
 from cli import arg, parse_dataclass_args
 
 PAPER_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -50,10 +54,12 @@ PAPER_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
 @dataclass
 class Args:
-    """GRPO training of the decomposition agent. Defaults are the paper's setting; `(ours)` marks values the paper's
-    text lost, filled with the common GRPO practice for Qwen2.5-VL-7B (shared/papers/README.md)."""
+    """GRPO training of the decomposition agent (or EditThinker's critic). Defaults are the paper's setting; `(ours)`
+    marks values the paper's text lost, filled with the common GRPO practice for Qwen2.5-VL-7B (shared/papers/README.md)."""
 
-    # model and data
+    # agent, model and data
+    agent: Literal["decompose", "think"] = arg("decompose", "which agent to train (tasks.py): ImageEdit-R1's "
+                                               "decomposition agent, or EditThinker's critic-refiner")  # fmt: skip
     model: str = arg(PAPER_MODEL, "policy to train: hub id, local path, or a tiny model from `python tiny.py DIR`")
     ref_model: str | None = arg(None, "frozen reference policy for the KL term (default: the same as --model)")
     train_data: str = arg("data/rl/train.jsonl", "RL examples in the JSONL format of data.py")
@@ -85,6 +91,12 @@ class Args:
     w_subject: float = arg(1.0, "weight of the subject F1 reward")
     w_goal: float = arg(1.0, "weight of the goal F1 reward")
     use_goal: bool = arg(True, "include the goal reward (--no-use-goal: the paper's 'without goal' ablation)")
+    w_score: float = arg(1.0, "think: weight of the score accuracy 1 - |score - judged| / 10 (ours)")
+    w_gain: float = arg(2.0, "think: weight of the judged gain (s1 - s0) / 10 of re-editing the source (ours)")
+    editor: str = arg("shapes", "think: the editor the reward re-edits with (shapes | flux | qwen | nano-banana | "
+                                "gpt-image)")  # fmt: skip
+    judge: str = arg("shapes", "think: the judge the reward scores with (shapes | gpt-4o | gemini-2.5-flash | "
+                               "openai:MODEL@URL | local:PATH)")  # fmt: skip
     # schedule
     epochs: int = arg(3, "passes over the training data (the paper's data ablation trains three epochs)")
     max_steps: int | None = arg(None, "stop after this many steps (overrides --epochs)")
@@ -261,10 +273,18 @@ def prompts_for_step(n_examples: int, step: int, prompts_per_step: int, seed: in
     return order[k * prompts_per_step : (k + 1) * prompts_per_step]
 
 
-def encode(processor, examples: list[data.RLExample]):
-    images = [e.load_image() for e in examples]
-    texts = [agents.decomposition_prompt(e.request) for e in examples]
-    return policy.encode_prompts(processor, images, texts, system=agents.DECOMPOSITION_SYSTEM)
+def build_task(args: Args) -> tasks.Task:
+    """The agent being trained: its prompts and its reward (tasks.py)."""
+    if args.agent == "think":
+        return tasks.ThinkerTask(tasks.make_editor(args.editor), tasks.make_judge(args.judge),
+                                 w_format=args.w_format, w_score=args.w_score, w_gain=args.w_gain)  # fmt: skip
+    return tasks.DecompositionTask(w_format=args.w_format, w_action=args.w_action, w_subject=args.w_subject,
+                                   w_goal=args.w_goal, use_goal=args.use_goal)  # fmt: skip
+
+
+def encode(processor, task: tasks.Task, examples: list[data.RLExample]):
+    images, texts = task.prompts(examples)
+    return policy.encode_prompts(processor, images, texts, system=task.system)
 
 
 def to_device(prompt: dict, device) -> dict:
@@ -272,12 +292,6 @@ def to_device(prompt: dict, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- GRPO pieces
-
-
-def score_rewards(texts: list[str], golds: list[rewards.Decomposition], args: Args) -> list[rewards.RewardBreakdown]:
-    """The decomposition agent's reward (rewards.py), one breakdown per completion."""
-    weights = dict(w_format=args.w_format, w_action=args.w_action, w_subject=args.w_subject, w_goal=args.w_goal)
-    return [rewards.decomposition_reward(t, g, use_goal=args.use_goal, **weights) for t, g in zip(texts, golds)]
 
 
 @torch.no_grad()
@@ -343,14 +357,17 @@ def update_policy(engine, batch: grpo.Batch, args: Args, world_size: int, device
 
 
 @torch.no_grad()
-def evaluate(engine, processor, examples: list[data.RLExample], args: Args, rank: int, world: int, device) -> dict:
-    """Greedy decompositions of this rank's share of the held-out split; mean of each reward component over all."""
+def evaluate(
+    engine, processor, task, examples: list[data.RLExample], args: Args, rank: int, world: int, device
+) -> dict:
+    """Greedy completions for this rank's share of the held-out split; mean of each reward component over all."""
     mine = examples[rank::world]
-    totals = np.zeros(6)
+    names = ["reward", *task.components]
+    totals = np.zeros(len(names) + 1)  # sums of each component, then the count
     with generation_model(engine, args) as (model, gen_kwargs):
         for i in range(0, max(len(mine), 1), args.micro_batch_size):
             chunk = mine[i : i + args.micro_batch_size]
-            prompt = to_device(encode(processor, chunk), device) if chunk else None
+            prompt = to_device(encode(processor, task, chunk), device) if chunk else None
             texts = []
             if chunk:
                 out = model.generate(**prompt, do_sample=False, max_new_tokens=args.max_new_tokens,
@@ -359,19 +376,18 @@ def evaluate(engine, processor, examples: list[data.RLExample], args: Args, rank
                 completion = out[:, prompt["input_ids"].shape[1] :]
                 mask = grpo.completion_mask_from_eos(completion, policy.eos_token_ids(processor))
                 texts = [processor.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion, mask)]
-            for r in score_rewards(texts, [e.gold for e in chunk], args):
-                totals += [r.total, r.format, r.action, r.subject, r.goal, 1]
+            for r in task.rewards(chunk, texts) if chunk else []:
+                totals += [*(r[k] for k in names), 1]
     sums = global_sum(totals.tolist(), device)  # collective
-    n = max(sums[5], 1)
-    names = ["reward", "format", "action", "subject", "goal"]
+    n = max(sums[-1], 1)
     return {f"eval/{k}": sums[i] / n for i, k in enumerate(names)}
 
 
-def step_metrics(breakdowns, batch: grpo.Batch, stats: dict, group_size: int, device) -> dict[str, float]:
+def step_metrics(breakdowns: list[dict], batch: grpo.Batch, stats: dict, group_size: int, device) -> dict[str, float]:
     """The step's logged means over ALL ranks: reward components (mean, std), zero-spread groups, token-weighted
     loss metrics, completion length and the loss. Every rank contributes sums; one all_reduce adds them up."""
-    components = ("reward", "format", "action", "subject", "goal")
-    values = np.array([[r.total, r.format, r.action, r.subject, r.goal] for r in breakdowns])  # (B, 5)
+    components = list(breakdowns[0])  # "reward", then the task's components (the same keys on every rank)
+    values = np.array([[r[k] for k in components] for r in breakdowns])  # (B, 1 + components)
     totals = values[:, 0].reshape(-1, group_size)  # (N, G)
     tokens = float(batch.completion_mask.sum())
     sums = {"n": len(breakdowns), "groups": len(totals), "tokens": tokens, "loss": stats["loss"]}
@@ -437,7 +453,7 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 # ------------------------------------------------------------------------------------------------------------ main
 
 
-def main(argv=None) -> None:
+def main(argv=None, task: tasks.Task | None = None) -> None:
     args = parse_dataclass_args(Args, argv)
     train_set, eval_set = split_data(args)  # every line is validated before any process or model starts
     launch_if_needed(args)
@@ -460,6 +476,7 @@ def main(argv=None) -> None:
     steps_per_epoch = len(train_set) // args.prompts_per_step
     total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     engine, ref_model, processor, scheduler = build_engines(args, world, grad_accum, bf16, device)
+    task = task or build_task(args)
 
     # ---- resume
     start_step = 0
@@ -475,7 +492,7 @@ def main(argv=None) -> None:
         print0(f"resumed from step {start_step}")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        (out_dir / "args.json").write_text(json.dumps({**asdict(args), "task": task.name}, indent=2))
         print0(f"{len(train_set)} train / {len(eval_set)} held-out examples, {world} process(es) on {device}, "
                f"{total_steps} steps of {args.prompts_per_step} prompts x G={args.group_size}")  # fmt: skip
 
@@ -495,7 +512,7 @@ def main(argv=None) -> None:
 
         # 1. rollout: G samples per prompt
         t = time.perf_counter()
-        prompt = to_device(encode(processor, examples), device)
+        prompt = to_device(encode(processor, task, examples), device)
         engine.eval()
         with generation_model(engine, args) as (gen_model, gen_kwargs):
             batch = grpo.sample_group(
@@ -510,9 +527,9 @@ def main(argv=None) -> None:
 
         # 2. rewards and 3. advantages (a prompt's G samples are all on this rank)
         t = time.perf_counter()
-        golds = [e.gold for e in examples for _ in range(args.group_size)]
-        breakdowns = score_rewards(batch.texts, golds, args)
-        total = torch.tensor([r.total for r in breakdowns])  # (B,)
+        repeated = [e for e in examples for _ in range(args.group_size)]  # row i of the batch answers repeated[i]
+        breakdowns = task.rewards(repeated, batch.texts)
+        total = torch.tensor([r["reward"] for r in breakdowns])  # (B,)
         batch.advantages = grpo.group_advantages(total, args.group_size, args.adv_scale).to(device)  # (B,)
         timings["reward"] = time.perf_counter() - t
 
@@ -540,7 +557,7 @@ def main(argv=None) -> None:
 
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             engine.eval()
-            record.update(evaluate(engine, processor, eval_set, args, rank, world, device))
+            record.update(evaluate(engine, processor, task, eval_set, args, rank, world, device))
             engine.train()
 
         if rank == 0:
@@ -550,7 +567,7 @@ def main(argv=None) -> None:
                 with (out_dir / "samples.jsonl").open("a") as f:
                     for e, j in ((e, i * args.group_size) for i, e in enumerate(examples[:2])):
                         f.write(json.dumps({"step": step + 1, "id": e.id, "request": e.request,
-                                            "completion": batch.texts[j], "reward": breakdowns[j].total}) + "\n")  # fmt: skip
+                                            "completion": batch.texts[j], "reward": breakdowns[j]["reward"]}) + "\n")  # fmt: skip
             progress.update(1)
             progress.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.4f}",
                                  len=f"{record['completion_len']:.0f}")  # fmt: skip

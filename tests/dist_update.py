@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+import agents  # noqa: E402
 import grpo  # noqa: E402
 import train  # noqa: E402
 
@@ -35,7 +36,7 @@ def fixed_batch(processor) -> grpo.Batch:
         ImageDraw.Draw(im).ellipse((8 * i, 8, 8 * i + 24, 32), fill=(200, 40 * i, 30))
         images.append(im)
     texts = [f"make shape {i} blue and move it left" + " please" * i for i in range(N_PROMPTS)]
-    prompt = train.policy.encode_prompts(processor, images, texts, system=train.agents.DECOMPOSITION_SYSTEM)
+    prompt = train.policy.encode_prompts(processor, images, texts, system=agents.DECOMPOSITION_SYSTEM)
     prompt = grpo.repeat_prompts(dict(prompt), G)
     g = torch.Generator().manual_seed(0)
     B = N_PROMPTS * G

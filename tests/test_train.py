@@ -52,6 +52,29 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+# ------------------------------------------------------------------------------------------------ the agent is passed in
+
+
+def test_a_task_passed_in_is_what_grpo_logs_and_optimises(tiny_qwen25, tmp_path):
+    out = tmp_path / "letter"
+    args = ["tests/custom_task.py", "--gpus", "0", "--model", str(tiny_qwen25), "--train-data", str(EXAMPLE),
+            "--eval-size", "8", "--output-dir", str(out), "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "12", "--micro-batch-size", "8", "--max-steps", "2", "--eval-every", "2",
+            "--save-every", "0"]  # fmt: skip
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    batches = [json.loads(x) for x in (out / "task_rewards.jsonl").read_text().splitlines()]
+    # per step: one batch of B = 2 x 4 rollout rewards; the last step adds the held-out evaluation's 8 (greedy)
+    assert [len(b) for b in batches] == [8, 8, 8]
+    for record, rollout in zip(records, batches):
+        assert record["reward_mean"] == pytest.approx(sum(rollout) / len(rollout), abs=1e-12)
+        assert record["share_a_mean"] == pytest.approx(record["reward_mean"], abs=1e-12)
+        assert record["length_mean"] > 0 and "format_mean" not in record and "subject_mean" not in record
+    assert records[1]["eval/reward"] == pytest.approx(sum(batches[2]) / 8, abs=1e-12)
+    assert json.loads((out / "args.json").read_text())["task"] == "letter-a"
+
+
 # ------------------------------------------------------------------------------------------------ distributed runs
 
 
