@@ -9,7 +9,12 @@ When the data lines carry "subrequests" (the shapes world writes them), every ba
 the same model learns to turn the gold actions, subjects and goals into `<steps>1. ...</steps>`. The paper's
 sequencing agent is the instruction-tuned base model, never trained; this warm-up stands in for that tuning.
 
+EditThinker's critic-refiner is warmed up the same way (`--agent think`, as EditThinker's SFT stage precedes its RL):
+its input is the source and turn 1 (the source edited with the raw request) side by side, and its target critique
+(tasks.ThinkerTask.warmup_target) gives the judged score of turn 1 and the gold sub-requests as the instruction.
+
     python warmup.py --model tiny/qwen2_5_vl --train-data data/example/train.jsonl --out runs/warm --steps 60
+    python warmup.py --agent think --editor shapes --judge shapes --out runs/thinker_warm ...
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -24,6 +30,7 @@ import agents
 import data
 import policy
 import rewards
+import tasks
 from cli import arg, parse_dataclass_args
 
 
@@ -31,6 +38,10 @@ from cli import arg, parse_dataclass_args
 class Args:
     """Supervised warm-up of the decomposition agent on gold decompositions (tiny models; ours, not the paper's)."""
 
+    agent: Literal["decompose", "think"] = arg("decompose", "decompose: the decomposition (and sequencing) agent; "
+                                               "think: EditThinker's critic-refiner (needs 'subrequests')")  # fmt: skip
+    editor: str = arg("shapes", "think: the editor that makes turn 1 (tasks.make_editor)")
+    judge: str = arg("shapes", "think: the judge that scores turn 1 (tasks.make_judge)")
     model: str = arg("tiny/qwen2_5_vl", "policy to warm up (a tiny model folder from `python tiny.py DIR`)")
     train_data: str = arg("data/example/train.jsonl", "RL examples (data.py format); their gold labels are targets")
     out: str = arg("runs/warmup", "where the warmed-up policy is saved (a from_pretrained folder)")
@@ -81,10 +92,27 @@ def supervised_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[st
     return pairs
 
 
+def thinker_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[str]], task: tasks.ThinkerTask):
+    """(image, system, prompt, target) for each example's critique of its turn 1."""
+    pairs = []
+    for e in chunk:
+        image, prompt, target = task.warmup_target(e, subrequests[e.id])
+        pairs.append((image, agents.CRITIC_SYSTEM, prompt, target))
+    return pairs
+
+
 def main(argv=None) -> None:
     args = parse_dataclass_args(Args, argv)
     examples = data.load_rl_jsonl(args.train_data)[: args.max_examples]
-    subrequests = read_subrequests(args.train_data) if args.sequencing else {}
+    thinker = None
+    if args.agent == "think":
+        thinker = tasks.ThinkerTask(tasks.make_editor(args.editor), tasks.make_judge(args.judge))
+        subrequests = read_subrequests(args.train_data)
+        examples = [e for e in examples if e.id in subrequests]
+        if not examples:
+            raise SystemExit(f"{args.train_data}: --agent think needs lines with 'subrequests' (the targets)")
+    else:
+        subrequests = read_subrequests(args.train_data) if args.sequencing else {}
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     model, processor = policy.load_policy(args.model, dtype=torch.float32)
@@ -93,7 +121,7 @@ def main(argv=None) -> None:
     for step in range(args.steps):
         chunk = rng.sample(examples, min(args.batch_size, len(examples)))
         loss = 0.0
-        pairs = supervised_pairs(chunk, subrequests)
+        pairs = thinker_pairs(chunk, subrequests, thinker) if thinker else supervised_pairs(chunk, subrequests)
         for system in dict.fromkeys(p[1] for p in pairs):  # one batch per agent (ordered: deterministic sums)
             group = [p for p in pairs if p[1] == system]
             batch = policy.encode_supervised(
