@@ -16,6 +16,14 @@ standing in for FLUX and GPT-4o. Each stage runs as a user would run it (the scr
                  Original, chain w/o RL and chain with RL, single- and multi-turn (Table 1 and the §4.2 ablation);
                  it writes table1.md/.csv, subscores.md/.csv and report.html
     6. plot      OUT/seed{S}/reward_curves.png: the reward components over GRPO steps (the paper's Figure 3)
+EditThinker (the second paper; `--no-thinker` skips it), per seed:
+    7. thinker   OUT/seed{S}/think_warm: `warmup.py --agent think`, a supervised warm-up of a critic-refiner from the
+                 same random tiny policy (EditThinker's SFT stage): score turn 1, then repeat the instruction when the
+                 edit is right, else write the gold sub-requests; OUT/seed{S}/think_grpo: `train.py --agent think`,
+                 GRPO with the thinker's reward (format + score accuracy + judged gain of re-editing the source)
+    8. evaluate  OUT/seed{S}/eval_think and eval_think_untrained: `evaluate.py` rows `think` (the loop on the raw
+                 request) and `chain-rl+think` (the loop seeded by the RL chain's plan), with the GRPO-trained
+                 thinker and with the warm-up-only one as the local critic
 Then OUT/results.md and OUT/results.csv gather every seed: each row's mean ± sample standard deviation (n-1) over
 seeds, the per-seed totals, and the paired gaps (chain with RL minus each baseline, seed by seed).
 
@@ -40,7 +48,12 @@ What it shows, and what it does not (measured over seeds 0, 1, 2; the README has
     within the seed spread: RL makes every answer parse, which removes the raw-request fallbacks that gave the
     untrained chain most of its fulfilment.
 
-    python demo.py                         # one seed: ~6 minutes on a quiet 2-core box
+    EditThinker (seeds 0, 1, 2): chain-rl+think beats chain-rl by +0.06 ± 0.05 and the GRPO-trained thinker beats
+    the warm-up-only one by +0.06 ± 0.07 there; thinking on the raw request loses 0.59 to Original. The thinker's GRPO
+    raises its format and score accuracy, but the judged gain of its re-edits stays near -0.25: it cannot name the
+    right shapes either, and mostly learns to call turn 1 right.
+
+    python demo.py                         # one seed: ~13 minutes on a quiet 2-core box (~7 with --no-thinker)
     python demo.py --seeds 0,1,2           # the README's table: three seeds, mean ± std
 """
 
@@ -78,6 +91,17 @@ ABLATION_ROWS = {
 }
 CRITERIA = ("fulfilment", "quality", "preservation", "total")
 REWARD_COMPONENTS = ("reward", "format", "action", "subject", "goal")  # train.py's metrics: <name>_mean, eval/<name>
+THINKER_COMPONENTS = ("reward", "format", "score", "gain")  # the thinker's (tasks.ThinkerTask)
+# The thinker rows: evaluate.py method ids, which thinker critiques, and how results.md names them.
+THINK_METHODS = ("think", "chain-rl+think")
+THINK_ROWS = {
+    "chain-rl": "chain with RL (no thinking)",
+    "chain-rl+think": "chain with RL + think, trained thinker",
+    "chain-rl+think/untrained": "chain with RL + think, warm-up-only thinker",
+    "original": "Original (no thinking)",
+    "think": "think on the raw request, trained thinker",
+    "think/untrained": "think on the raw request, warm-up-only thinker",
+}
 
 
 @dataclass
@@ -114,10 +138,19 @@ class Args:
     turns: str = arg("single,multi", "chain turns to evaluate (single,multi: the paper's §4.2 ablation)")
     agent_max_new_tokens: int = arg(96, "longest agent answer at evaluation (decomposition or plan)")
     threads: int = arg(1, "OMP threads per subprocess (tiny models lose time to threading)")
+    # EditThinker (warmup.py --agent think, train.py --agent think, evaluate.py think rows)
+    thinker: bool = arg(True, "also warm up and GRPO-train EditThinker's critic-refiner and evaluate the think rows")
+    thinker_warmup_steps: int = arg(300, "thinker warm-up steps (after 300 the greedy critique always parses)")
+    thinker_grpo_steps: int = arg(100, "thinker GRPO steps (~1.3 s each: the reward calls the editor and judge)")
+    thinker_max_new_tokens: int = arg(96, "longest sampled critique in tokens (a gold one is 25-50)")
+    max_turns: int = arg(3, "think rows: most edits per scene, each critiqued (evaluate.py --max-turns)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Stages: skip what is done with the same settings, redo what is not
+
+
+_WORK = [0]  # stages that did work (a fresh folder or a script run) in this process; see run_seed's timings
 
 
 def stage_done(folder: Path, settings: dict) -> bool:
@@ -131,6 +164,7 @@ def mark_done(folder: Path, settings: dict) -> None:
 
 def fresh(folder: Path) -> None:
     """Empty a stage folder whose settings changed (its old outputs must not be mixed with new ones)."""
+    _WORK[0] += 1
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -140,6 +174,7 @@ def run_script(args: Args, cmd: list[str], log: Path) -> None:
     """Run one of the project's scripts as a user would; its output goes to the terminal and to `log`."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}  # fmt: skip
+    _WORK[0] += 1
     line = " ".join([Path(sys.executable).name, *cmd])
     print(f"$ {line}", flush=True)
     with log.open("a") as f:
@@ -188,10 +223,16 @@ def warm_up(args: Args, seed: int, root: Path, upstream: dict) -> dict:
 
 
 def train_grpo(args: Args, seed: int, root: Path, upstream: dict) -> dict:
-    folder = root / "grpo"
-    settings = {**upstream, "steps": args.grpo_steps, "lr": args.grpo_lr, "beta": args.beta,
-                "prompts": args.prompts_per_step, "G": args.group_size, "max_new_tokens": args.max_new_tokens,
-                "micro_batch_size": args.micro_batch_size, "eval_every": args.eval_every}  # fmt: skip
+    settings = {**upstream, "steps": args.grpo_steps, "max_new_tokens": args.max_new_tokens}
+    return _grpo(args, seed, root, root / "grpo", root / "warm", settings, "train.log", [], args.grpo_steps,
+                 args.max_new_tokens)  # fmt: skip
+
+
+def _grpo(args: Args, seed: int, root: Path, folder: Path, start: Path, settings: dict, log: str, agent: list[str],
+          steps: int, max_new_tokens: int) -> dict:  # fmt: skip
+    """train.py from the policy in `start`: the decomposition agent (agent=[]) or the thinker (--agent think)."""
+    settings = {**settings, "lr": args.grpo_lr, "beta": args.beta, "prompts": args.prompts_per_step,
+                "G": args.group_size, "micro_batch_size": args.micro_batch_size, "eval_every": args.eval_every}  # fmt: skip
     if stage_done(folder, settings) and (folder / "policy").is_dir():
         return settings
     resume = stage_done(folder, settings) and (folder / "checkpoints" / "latest").is_file()
@@ -199,15 +240,55 @@ def train_grpo(args: Args, seed: int, root: Path, upstream: dict) -> dict:
         fresh(folder)
         mark_done(folder, settings)  # written first: a killed run with these settings resumes from its checkpoint
     # checkpoints every quarter of the run make an interrupted run lose little
-    save_every = max(1, args.grpo_steps // 4)
-    run_script(args, ["train.py", "--gpus", "0", "--model", str(root / "warm"),
+    save_every = max(1, steps // 4)
+    run_script(args, ["train.py", "--gpus", "0", *agent, "--model", str(start),
                       "--train-data", str(root / "data/train.jsonl"), "--eval-data", str(root / "data/val.jsonl"),
-                      "--output-dir", str(folder), "--max-steps", str(args.grpo_steps), "--lr", str(args.grpo_lr),
+                      "--output-dir", str(folder), "--max-steps", str(steps), "--lr", str(args.grpo_lr),
                       "--beta", str(args.beta), "--prompts-per-step", str(args.prompts_per_step),
-                      "--group-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
+                      "--group-size", str(args.group_size), "--max-new-tokens", str(max_new_tokens),
                       "--micro-batch-size", str(args.micro_batch_size), "--eval-every", str(args.eval_every),
                       "--save-every", str(save_every), "--keep-checkpoints", "1", "--seed", str(seed),
-                      *(["--resume"] if resume else [])], root / "train.log")  # fmt: skip
+                      *(["--resume"] if resume else [])], root / log)  # fmt: skip
+    return settings
+
+
+def warm_up_thinker(args: Args, seed: int, root: Path, upstream: dict) -> dict:
+    folder = root / "think_warm"
+    settings = {**upstream, "steps": args.thinker_warmup_steps, "lr": args.warmup_lr,
+                "batch_size": args.warmup_batch_size, "examples": args.warmup_examples}  # fmt: skip
+    if not stage_done(folder, settings):
+        fresh(folder)
+        run_script(args, ["warmup.py", "--agent", "think", "--editor", "shapes", "--judge", JUDGE_LABEL,
+                          "--model", str(root / "tiny"), "--train-data", str(root / "data/train.jsonl"),
+                          "--out", str(folder), "--steps", str(args.thinker_warmup_steps), "--lr", str(args.warmup_lr),
+                          "--batch-size", str(args.warmup_batch_size), "--max-examples", str(args.warmup_examples),
+                          "--seed", str(seed)], root / "think_warmup.log")  # fmt: skip
+        mark_done(folder, settings)
+    return settings
+
+
+def train_thinker(args: Args, seed: int, root: Path, upstream: dict) -> dict:
+    settings = {**upstream, "steps": args.thinker_grpo_steps, "max_new_tokens": args.thinker_max_new_tokens}
+    return _grpo(args, seed, root, root / "think_grpo", root / "think_warm", settings, "think_train.log",
+                 ["--agent", "think", "--editor", "shapes", "--judge", JUDGE_LABEL], args.thinker_grpo_steps,
+                 args.thinker_max_new_tokens)  # fmt: skip
+
+
+def evaluate_thinkers(args: Args, seed: int, root: Path, upstream: dict) -> dict:
+    """The think rows twice: with the GRPO-trained thinker and with the warm-up-only one (same seeds, same chain)."""
+    settings = {**upstream, "max_turns": args.max_turns, "agent_max_new_tokens": args.agent_max_new_tokens}
+    for folder, critic in ((root / "eval_think", root / "think_grpo/policy"),
+                           (root / "eval_think_untrained", root / "think_warm")):  # fmt: skip
+        if not stage_done(folder, settings):
+            fresh(folder)
+            mark_done(folder, settings)
+        run_script(args, ["evaluate.py", "--editor", "shapes", "--judges", JUDGE_LABEL,
+                          "--benchmark", f"{BENCHMARK_LABEL}={root / 'data/test.jsonl'}", "--limit", "0",
+                          "--seed", str(seed), "--methods", ",".join(THINK_METHODS), "--turns", "single",
+                          "--agent-model", str(root / "warm"), "--decomposer", str(root / "grpo/policy"),
+                          "--critic", f"local:{critic}", "--max-turns", str(args.max_turns),
+                          "--max-new-tokens", str(args.agent_max_new_tokens), "--out", str(folder),
+                          "--no-progress"], root / "evaluate_think.log")  # fmt: skip
     return settings
 
 
@@ -239,7 +320,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return [sum(values[max(0, i + 1 - window) : i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
 
 
-def plot_rewards(metrics: list[dict], png: Path, title: str) -> None:
+def plot_rewards(metrics: list[dict], png: Path, title: str, components: tuple[str, ...] = REWARD_COMPONENTS) -> None:
     """Each reward component's batch mean per GRPO step (faint: raw, solid: smoothed) and the held-out greedy reward
     at each evaluation (markers), like the paper's Figure 3."""
     import matplotlib
@@ -250,7 +331,7 @@ def plot_rewards(metrics: list[dict], png: Path, title: str) -> None:
     steps = [m["step"] for m in metrics]
     window = max(1, len(steps) // 10)
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for name, colour in zip(REWARD_COMPONENTS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red")):
+    for name, colour in zip(components, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red")):
         values = [m[f"{name}_mean"] for m in metrics]
         ax_train.plot(steps, values, color=colour, alpha=0.25, linewidth=1)
         ax_train.plot(steps, moving_average(values, window), color=colour, linewidth=2, label=name)
@@ -259,8 +340,8 @@ def plot_rewards(metrics: list[dict], png: Path, title: str) -> None:
             ax_eval.plot(*zip(*evals), color=colour, marker="o", linewidth=2, label=name)
     ax_train.set(title=f"sampled rollouts (moving mean over {window} steps)", xlabel="GRPO step", ylabel="reward (0-1)")
     ax_eval.set(title="held-out scenes, greedy", xlabel="GRPO step")
-    ax_train.set_ylim(0, 1.02)
-    fig.legend(*ax_train.get_legend_handles_labels(), loc="lower center", ncol=len(REWARD_COMPONENTS))
+    ax_train.set_ylim(min(0.0, *(m[f"{c}_mean"] for m in metrics for c in components)) - 0.02, 1.02)
+    fig.legend(*ax_train.get_legend_handles_labels(), loc="lower center", ncol=len(components))
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.07, 1, 1))  # leave the bottom strip to the shared legend
     fig.savefig(png, dpi=100)
@@ -313,6 +394,38 @@ def training_summary(metrics: list[dict]) -> dict[str, float]:
         "eval_reward_last": evals[-1].get("eval/reward", math.nan),
         "eval_subject_last": evals[-1].get("eval/subject", math.nan),
     }
+
+
+def thinker_summary(metrics: list[dict]) -> dict[str, float]:
+    """The thinker's GRPO: sampled reward and judged gain over the first and last 5 steps, held-out greedy gain."""
+    first, last = metrics[:5], metrics[-5:]
+    evals = [m for m in metrics if "eval/gain" in m] or [{}]
+    return {
+        "reward_first5": sum(m["reward_mean"] for m in first) / len(first),
+        "reward_last5": sum(m["reward_mean"] for m in last) / len(last),
+        "gain_first5": sum(m["gain_mean"] for m in first) / len(first),
+        "gain_last5": sum(m["gain_mean"] for m in last) / len(last),
+        "eval_gain_first": evals[0].get("eval/gain", math.nan),
+        "eval_gain_last": evals[-1].get("eval/gain", math.nan),
+        "eval_step_first": evals[0].get("step", math.nan),
+        "eval_step_last": evals[-1].get("step", math.nan),
+    }
+
+
+def read_think_stats(eval_dir: Path) -> dict[str, dict[str, float]]:
+    """method id -> {turns: mean edits per scene, later_best: scenes whose kept edit is not turn 1} for think rows."""
+    stats: dict[str, dict[str, float]] = {}
+    for path in sorted(eval_dir.glob("edits*.jsonl")):
+        for line in path.read_text().splitlines():
+            edit = json.loads(line)
+            think = edit.get("chain") or {}  # a think row's record holds agents.ThinkResult.summary() here
+            if "turns" not in think or "best_turn" not in think:
+                continue
+            s = stats.setdefault(edit["method"], {"n": 0, "turns": 0.0, "later_best": 0})
+            s["n"] += 1
+            s["turns"] += len(think["turns"])
+            s["later_best"] += int((think["best_turn"] or 1) > 1)
+    return {m: {"turns": s["turns"] / s["n"], "later_best": s["later_best"]} for m, s in stats.items()}
 
 
 TABLE_HEADER = [
@@ -382,7 +495,66 @@ def results_markdown(per_seed: dict[int, dict[str, dict[str, float]]], training:
             f"| {t['eval_reward_first']:.3f} (step {t['eval_step_first']}) -> {t['eval_reward_last']:.3f} "
             f"(step {t['eval_step_last']}) | {t['eval_subject_first']:.3f} -> {t['eval_subject_last']:.3f} |"
         )
+    if all("thinker" in training[s] for s in seeds):
+        lines += thinker_markdown(per_seed, training, seeds)
     return "\n".join(lines) + "\n"
+
+
+def thinker_markdown(per_seed: dict, training: dict, seeds: list[int]) -> list[str]:
+    """The EditThinker section: the think rows next to what they start from, the paired gaps, the thinker's GRPO."""
+
+    def row(method: str, label: str) -> str:
+        cells = [fmt(*mean_std([per_seed[s][method][c] for s in seeds])) for c in CRITERIA]
+        turns = [per_seed[s][method].get("turns") for s in seeds]
+        later = [per_seed[s][method].get("later_best") for s in seeds]
+        extra = ["–", "–"]
+        if None not in turns:
+            extra = [fmt(*mean_std(turns)), fmt(*mean_std(later), digits=1)]
+        per = ", ".join(f"{per_seed[s][method]['total']:.2f}" for s in seeds)
+        return f"| {label} | {cells[3]} | {cells[0]} | {cells[1]} | {cells[2]} | {extra[0]} | {extra[1]} | {per} |"
+
+    def gap(a: str, b: str) -> str:
+        gaps = [per_seed[s][a]["total"] - per_seed[s][b]["total"] for s in seeds]
+        return (
+            f"| {THINK_ROWS[a]} minus {THINK_ROWS[b]} | {fmt(*mean_std(gaps))} | "
+            + ", ".join(f"{g:+.2f}" for g in gaps)
+            + " |"
+        )
+
+    lines = [
+        "",
+        "## EditThinker: Think-while-Edit, with the thinker trained by the same GRPO",
+        "",
+        "Turn 1 of `chain-rl+think` is the chain-with-RL edit and turn 1 of `think` is the Original edit; later turns",
+        "re-edit the source with the thinker's refined instruction, and the loop keeps the turn the thinker scored",
+        "best. 'edits': mean editor calls per scene; 'kept a later turn': scenes whose result is not turn 1.",
+        "",
+        "| method | total (0-10) | fulfilment (0-4) | quality (0-3) | preservation (0-3) | edits | kept a later turn "
+        "| per seed |",
+        "|---|---|---|---|---|---|---|---|",
+        *(row(m, label) for m, label in THINK_ROWS.items()),
+        "",
+        "| paired by seed | gap (mean ± std) | per seed |",
+        "|---|---|---|",
+        gap("chain-rl+think", "chain-rl"),
+        gap("chain-rl+think", "chain-rl+think/untrained"),
+        gap("think", "original"),
+        gap("think", "think/untrained"),
+        "",
+        "Thinker GRPO (train.py --agent think): reward (format + score accuracy + 2 x gain) / 4 and the judged gain",
+        "(s1 - s0) / 10 of re-editing the source with the refined instruction.",
+        "",
+        "| seed | sampled reward, first 5 -> last 5 steps | sampled gain, first 5 -> last 5 | held-out greedy gain |",
+        "|---|---|---|---|",
+    ]
+    for s in seeds:
+        t = training[s]["thinker"]
+        lines.append(
+            f"| {s} | {t['reward_first5']:.3f} -> {t['reward_last5']:.3f} | {t['gain_first5']:+.3f} -> "
+            f"{t['gain_last5']:+.3f} | {t['eval_gain_first']:+.3f} (step {t['eval_step_first']}) -> "
+            f"{t['eval_gain_last']:+.3f} (step {t['eval_step_last']}) |"
+        )
+    return lines
 
 
 def write_results(out: Path, per_seed: dict[int, dict[str, dict[str, float]]], training: dict[int, dict]) -> str:
@@ -407,17 +579,21 @@ def write_results(out: Path, per_seed: dict[int, dict[str, dict[str, float]]], t
 def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
     root = Path(args.out) / f"seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
-    timings = {}
+    # stage -> seconds of the run that did its work: a stage skipped as done keeps the time it took then
+    timings_path = root / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() and not args.force else {}
 
     def timed(name: str, fn, *a):
-        start = time.perf_counter()
+        start, work = time.perf_counter(), _WORK[0]
         print(f"\n==== seed {seed}: {name}", flush=True)
         result = fn(*a)
-        timings[name] = time.perf_counter() - start
+        if _WORK[0] != work or name not in timings:
+            timings[name] = time.perf_counter() - start
         return result
 
     if args.force:
-        for name in ("data", "tiny", "warm", "grpo", "eval"):
+        for name in ("data", "tiny", "warm", "grpo", "eval", "think_warm", "think_grpo", "eval_think",
+                     "eval_think_untrained"):  # fmt: skip
             shutil.rmtree(root / name, ignore_errors=True)
     data_settings = timed("data", make_data, args, seed, root / "data")
     policy_settings = timed("tiny policy", make_policy, seed, root / "tiny")
@@ -426,9 +602,23 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
     timed("evaluate", evaluate_methods, args, seed, root, {"grpo": grpo_settings})
     metrics = read_metrics(root / "grpo" / "metrics.jsonl")
     timed("plot", plot_rewards, metrics, root / "reward_curves.png", f"GRPO reward components, seed {seed}")
-    (root / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    scores, training = read_scores(root / "eval"), training_summary(metrics)
+    if args.thinker:
+        up = {"data": data_settings, "policy": policy_settings}
+        think_warm = timed("thinker warm-up", warm_up_thinker, args, seed, root, up)
+        think_grpo = timed("thinker GRPO", train_thinker, args, seed, root, {"think_warm": think_warm})
+        up = {"think_grpo": think_grpo, "grpo": grpo_settings}
+        timed("evaluate thinkers", evaluate_thinkers, args, seed, root, up)
+        think_metrics = read_metrics(root / "think_grpo" / "metrics.jsonl")
+        plot_rewards(think_metrics, root / "thinker_reward_curves.png", f"thinker GRPO reward components, seed {seed}",
+                     THINKER_COMPONENTS)  # fmt: skip
+        for folder, suffix in ((root / "eval_think", ""), (root / "eval_think_untrained", "/untrained")):
+            rows, stats = read_scores(folder), read_think_stats(folder)
+            scores |= {f"{m}{suffix}": v | stats.get(m, {}) for m, v in rows.items()}
+        training["thinker"] = thinker_summary(think_metrics)
+    timings_path.write_text(json.dumps(timings, indent=2) + "\n")
     print(f"seed {seed} stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), flush=True)
-    return read_scores(root / "eval"), training_summary(metrics)
+    return scores, training
 
 
 def main(argv: list[str] | None = None) -> None:

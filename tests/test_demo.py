@@ -23,9 +23,11 @@ REDUCED = [
     "--train-scenes", "24", "--val-scenes", "4", "--test-scenes", "6", "--warmup-steps", "4",
     "--warmup-batch-size", "4", "--warmup-examples", "16", "--grpo-steps", str(GRPO_STEPS), "--prompts-per-step", "2",
     "--group-size", "4", "--max-new-tokens", "16", "--micro-batch-size", "8", "--eval-every", "2",
-    "--agent-max-new-tokens", "16",
+    "--agent-max-new-tokens", "16", "--thinker-warmup-steps", "4", "--thinker-grpo-steps", str(GRPO_STEPS),
+    "--thinker-max-new-tokens", "16", "--max-turns", "2",
 ]  # fmt: skip
 METHODS = ["original", "chain", "chain/multi", "chain-rl", "chain-rl/multi"]
+THINK_FOLDERS = {"eval_think": "", "eval_think_untrained": "/untrained"}  # folder -> suffix of its rows in results
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +62,17 @@ def test_reduced_demo_writes_every_artefact(reduced_demo):
     for rel in ["results.md", "results.csv", "args.json", "seed3/reward_curves.png", "seed3/timings.json",
                 "seed3/eval/table1.md", "seed3/eval/table1.csv", "seed3/eval/subscores.md",
                 "seed3/eval/subscores.csv", "seed3/eval/report.html", "seed3/grpo/policy/model.safetensors",
-                "seed3/warm/model.safetensors", "seed3/data/test.jsonl"]:  # fmt: skip
+                "seed3/warm/model.safetensors", "seed3/data/test.jsonl", "seed3/thinker_reward_curves.png",
+                "seed3/think_warm/model.safetensors", "seed3/think_grpo/policy/model.safetensors",
+                "seed3/eval_think/report.html", "seed3/eval_think_untrained/report.html"]:  # fmt: skip
         assert (out / rel).is_file() and (out / rel).stat().st_size > 0, rel
     assert (seed_dir / "reward_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = [json.loads(line) for line in (seed_dir / "grpo/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, GRPO_STEPS + 1))
+    think_metrics = [json.loads(line) for line in (seed_dir / "think_grpo/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in think_metrics] == list(range(1, GRPO_STEPS + 1))
+    assert {"score_mean", "gain_mean", "eval/gain"} <= think_metrics[-1].keys()  # the thinker's reward was trained
+    assert json.loads((seed_dir / "think_grpo/args.json").read_text())["task"] == "think"
     # the held-out test scenes are not training scenes: the splits come from different generator seeds
     ids = {split: {json.loads(x)["id"] for x in (seed_dir / f"data/{split}.jsonl").read_text().splitlines()}
            for split in ("train", "val", "test")}  # fmt: skip
@@ -78,12 +86,18 @@ def test_tables_agree_with_the_judgement_records(reduced_demo):
     out, proc = reduced_demo
     means = recomputed_means(out / "seed3" / "eval")
     assert sorted(means) == sorted(METHODS)
+    for folder, suffix in THINK_FOLDERS.items():
+        think_means = recomputed_means(out / "seed3" / folder)
+        assert sorted(think_means) == sorted(demo.THINK_METHODS)
+        means |= {m + suffix: v for m, v in think_means.items()}
     with (out / "results.csv").open(newline="") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert sorted(rows) == sorted(METHODS)
+    assert sorted(rows) == sorted(means)
     edits = [json.loads(line) for line in (out / "seed3/eval/edits.jsonl").read_text().splitlines()]
     for method, row in rows.items():
         assert row["seed"] == "3" and int(row["judged"]) == means[method]["judged"] == 6
+        if method not in METHODS:
+            continue  # think rows: compared below with their own folder's records
         fallbacks = sum(1 for e in edits if e["method"] == method and (e["chain"] or {}).get("fallback"))
         assert int(row["fallbacks"]) == fallbacks, method
         for c in demo.CRITERIA:
@@ -97,6 +111,10 @@ def test_tables_agree_with_the_judgement_records(reduced_demo):
         assert table1[method] == pytest.approx(means[method]["total"], abs=1e-9)
         assert f"| {label} | {means[method]['total']:.2f} |" in results_md
         assert f"| {label} | {means[method]['total']:.2f} |" in proc.stdout  # the table is printed at the end
+    for method, label in demo.THINK_ROWS.items():
+        assert f"| {label} | {means[method]['total']:.2f} |" in results_md
+        if method not in METHODS:
+            assert float(rows[method]["total"]) == pytest.approx(means[method]["total"], abs=1e-9)
 
 
 @pytest.mark.slow
@@ -142,3 +160,35 @@ def test_aggregate_over_seeds_reports_mean_std_and_paired_gaps(tmp_path):
     per_seed[1]["chain-rl"] = scores(8.4)  # totals 9.0, 8.4, 8.2: the gap 0.33 is inside the RL row's std 0.42
     text = demo.write_results(tmp_path, per_seed, training)
     assert "| Original | 0.33 ± 0.61 | +1.00, +0.20, -0.20 | 0.42 | 0.20 | no |" in text
+
+
+def test_thinker_section_pairs_rows_by_seed_and_counts_turns(tmp_path):
+    def scores(total: float, turns: float | None = None, later: int = 0) -> dict[str, float]:
+        out = {"fulfilment": 2.0, "quality": 2.0, "preservation": 3.0, "total": total, "judged": 10, "fallbacks": 0}
+        return out | ({"turns": turns, "later_best": later} if turns is not None else {})
+
+    per_seed = {
+        s: {"original": scores(8.0), "chain": scores(6.0), "chain-rl": scores(7.0 + s / 10),
+            "chain-rl+think": scores(7.5 + s / 5, 2.0 + s, s), "chain-rl+think/untrained": scores(6.0, 3.0, 5),
+            "think": scores(8.1, 1.5), "think/untrained": scores(7.9, 2.5)}
+        for s in (0, 1)
+    }  # fmt: skip
+    metrics = [{"step": k, "reward_mean": 0.1, "gain_mean": -0.2 + k / 100} for k in range(1, 11)]
+    metrics[9] |= {"eval/reward": 0.5, "eval/gain": -0.05}
+    training = {s: demo.training_summary(metrics) | {"thinker": demo.thinker_summary(metrics)} for s in per_seed}
+    text = demo.write_results(tmp_path, per_seed, training)
+    assert "## EditThinker" in text
+    # chain-rl+think totals 7.5, 7.7 against chain-rl's 7.0, 7.1: gaps +0.5, +0.6
+    assert (
+        "| chain with RL + think, trained thinker minus chain with RL (no thinking) | 0.55 ± 0.07 | +0.50, +0.60 |"
+        in text
+    )
+    assert (
+        "| chain with RL + think, trained thinker | 7.60 ± 0.14 | 2.00 ± 0.00 | 2.00 ± 0.00 | 3.00 ± 0.00 | 2.50 ± 0.71 | 0.5 ± 0.7 | 7.50, 7.70 |"
+        in text
+    )
+    assert (
+        "| Original (no thinking) | 8.00 ± 0.00 | 2.00 ± 0.00 | 2.00 ± 0.00 | 3.00 ± 0.00 | – | – | 8.00, 8.00 |"
+        in text
+    )
+    assert "| 0 | 0.100 -> 0.100 | -0.170 -> -0.120 | -0.050 (step 10) -> -0.050 (step 10) |" in text
