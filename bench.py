@@ -16,7 +16,8 @@ every step reads all language-model weights once for all rows and each row's KV 
 vision tower's share of a phase's forward FLOPs: the most that caching image features could save there. Peak memory
 is torch.cuda.max_memory_allocated on a GPU, and the process's maximum resident set size so far on a CPU.
 
-Variants (each adds one optimisation to the one before; all give the same samples and log-probs, see the tests):
+Variants (each adds one optimisation to the one before; in fp32 all give the same samples and log-probs, see the
+tests; in bf16 on a GPU the shared and repeated prefills round differently, so the samples drift apart):
     plain          train.py as it is: every prompt repeated G times before generation and scoring
     shared_rollout grpo.sample_group(share_prompt=True): each prompt prefilled once, its KV cache copied to G rows
     shared_logps   grpo.per_token_logps(share_prompt=True) in the reference and update passes too
@@ -375,18 +376,38 @@ def measure(model, processor, prompts, examples, args: Args, variants: list[Vari
     optimizers = {v.name: make_optimizer(model, args) for v in variants}
     runs: dict[str, list] = {v.name: [] for v in variants}
     peaks = dict.fromkeys(optimizers, 0)
+    failed: dict[str, str] = {}  # variants that ran out of memory: a result too, and the others go on
     for i in range(args.steps + 1):
         for v in variants:
+            if v.name in failed:
+                continue
             torch.manual_seed(args.seed)  # the same samples in every repeat and every variant
             flops.reset()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            timings, tokens, batch = grpo_step(model, processor, optimizers[v.name], prompts, examples, args, v, flops)
+            try:
+                timings, tokens, batch = grpo_step(model, processor, optimizers[v.name], prompts, examples, args, v,
+                                                   flops)  # fmt: skip
+            except torch.OutOfMemoryError as e:
+                failed[v.name] = str(e).split("\n")[0]
+            if v.name in failed:  # outside the except block, so that its traceback no longer holds the tensors
+                print(f"{v.name}: out of memory in phase {flops.phase}: {failed[v.name]}", flush=True)
+                failed[v.name] = f"out of memory in phase {flops.phase}"
+                optimizers[v.name].zero_grad(set_to_none=True)
+                model.eval()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             peaks[v.name] = max(peaks[v.name], peak_memory_bytes(device))
             if i > 0:
                 runs[v.name].append((timings, tokens, {p: flops.forward_flops(p) for p in timings}, checksum(batch)))
     prompt_len = prompts["input_ids"].shape[1]
-    return [summarise(v, runs[v.name], peaks[v.name], args, hw, flops, model, prompt_len) for v in variants]
+    return [
+        {"variant": v.name, "error": failed[v.name]}
+        if v.name in failed
+        else summarise(v, runs[v.name], peaks[v.name], args, hw, flops, model, prompt_len)
+        for v in variants
+    ]
 
 
 def checksum(batch: grpo.Batch) -> int:
@@ -447,6 +468,9 @@ def make_optimizer(model, args: Args):
 
 
 def print_table(result: dict) -> None:
+    if "error" in result:
+        print(f"\n{result['variant']}: {result['error']}")
+        return
     print(f"\n{result['variant']}: step {result['step_seconds']:.3f} s, {result['rows']} rows, "
           f"mean completion {result['mean_completion_length']:.1f} tokens, peak memory "
           f"{result['peak_memory_gib']:.2f} GiB")  # fmt: skip
@@ -492,11 +516,12 @@ def main(argv=None) -> None:
     results = measure(model, processor, prompts, examples, args, variants, hw, flops)
     for result in results:
         print_table(result)
-    if args.compare:
-        base = results[0]["step_seconds"]
-        same = len({r["samples_checksum"] for r in results}) == 1
+    done = [r for r in results if "error" not in r]
+    if args.compare and done:
+        base = done[0]["step_seconds"]
+        same = len({r["samples_checksum"] for r in done}) == 1
         print("\nstep time by variant: " + ", ".join(f"{r['variant']} {r['step_seconds']:.3f} s "
-                                                     f"(x{base / r['step_seconds']:.2f})" for r in results)
+                                                     f"(x{base / r['step_seconds']:.2f})" for r in done)
               + f"; same samples in every variant: {'yes' if same else 'NO'}")  # fmt: skip
     if args.json:
         record = {
