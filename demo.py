@@ -209,15 +209,20 @@ def make_policy(seed: int, folder: Path) -> dict:
 
 
 def warm_up(args: Args, seed: int, root: Path, upstream: dict) -> dict:
-    folder = root / "warm"
-    settings = {**upstream, "steps": args.warmup_steps, "lr": args.warmup_lr, "batch_size": args.warmup_batch_size,
+    return _warm_up(args, seed, root, root / "warm", args.warmup_steps, [], "warmup.log", upstream)
+
+
+def _warm_up(args: Args, seed: int, root: Path, folder: Path, steps: int, agent: list[str], log: str,
+             upstream: dict) -> dict:  # fmt: skip
+    """warmup.py from the random tiny policy: the decomposition agent (agent=[]) or the thinker (--agent think)."""
+    settings = {**upstream, "steps": steps, "lr": args.warmup_lr, "batch_size": args.warmup_batch_size,
                 "examples": args.warmup_examples}  # fmt: skip
     if not stage_done(folder, settings):
         fresh(folder)
-        run_script(args, ["warmup.py", "--model", str(root / "tiny"), "--train-data", str(root / "data/train.jsonl"),
-                          "--out", str(folder), "--steps", str(args.warmup_steps), "--lr", str(args.warmup_lr),
+        run_script(args, ["warmup.py", *agent, "--model", str(root / "tiny"), "--train-data", str(root / "data/train.jsonl"),
+                          "--out", str(folder), "--steps", str(steps), "--lr", str(args.warmup_lr),
                           "--batch-size", str(args.warmup_batch_size), "--max-examples", str(args.warmup_examples),
-                          "--seed", str(seed)], root / "warmup.log")  # fmt: skip
+                          "--seed", str(seed)], root / log)  # fmt: skip
         mark_done(folder, settings)
     return settings
 
@@ -253,18 +258,10 @@ def _grpo(args: Args, seed: int, root: Path, folder: Path, start: Path, settings
 
 
 def warm_up_thinker(args: Args, seed: int, root: Path, upstream: dict) -> dict:
-    folder = root / "think_warm"
-    settings = {**upstream, "steps": args.thinker_warmup_steps, "lr": args.warmup_lr,
-                "batch_size": args.warmup_batch_size, "examples": args.warmup_examples}  # fmt: skip
-    if not stage_done(folder, settings):
-        fresh(folder)
-        run_script(args, ["warmup.py", "--agent", "think", "--editor", "shapes", "--judge", JUDGE_LABEL,
-                          "--model", str(root / "tiny"), "--train-data", str(root / "data/train.jsonl"),
-                          "--out", str(folder), "--steps", str(args.thinker_warmup_steps), "--lr", str(args.warmup_lr),
-                          "--batch-size", str(args.warmup_batch_size), "--max-examples", str(args.warmup_examples),
-                          "--seed", str(seed)], root / "think_warmup.log")  # fmt: skip
-        mark_done(folder, settings)
-    return settings
+    agent = ["--agent", "think", "--editor", "shapes", "--judge", JUDGE_LABEL]
+    return _warm_up(
+        args, seed, root, root / "think_warm", args.thinker_warmup_steps, agent, "think_warmup.log", upstream
+    )
 
 
 def train_thinker(args: Args, seed: int, root: Path, upstream: dict) -> dict:
