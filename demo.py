@@ -348,7 +348,8 @@ def plot_rewards(metrics: list[dict], png: Path, title: str, components: tuple[s
 def read_scores(eval_dir: Path) -> dict[str, dict[str, float]]:
     """method id -> {fulfilment, quality, preservation, total, judged, fallbacks}: the scores from evaluate.py's
     subscores.csv, and from edits.jsonl the number of test scenes where the chain fell back to editing the raw
-    request (its decomposition or plan did not parse), which is what "Original" does on every scene."""
+    request (its decomposition or plan did not parse), which is what "Original" does on every scene. Think rows also
+    get {turns: mean edits per scene, later_best: scenes whose kept edit is not turn 1}."""
     rows = {}
     with (eval_dir / "subscores.csv").open(newline="") as f:
         for row in csv.DictReader(f):
@@ -356,11 +357,20 @@ def read_scores(eval_dir: Path) -> dict[str, dict[str, float]]:
                 continue
             scores = {name: float(row[f"{name} ({hi})"]) for name, hi in zip(CRITERIA, ("0-4", "0-3", "0-3", "0-10"))}
             rows[row["method"]] = {**scores, "judged": int(row["judged"]), "fallbacks": 0}
+    think: dict[str, tuple[int, int, int]] = {}  # method -> (scenes, edits, scenes that kept a later turn)
     for path in sorted(eval_dir.glob("edits*.jsonl")):
         for line in path.read_text().splitlines():
             edit = json.loads(line)
-            if edit["chain"] and edit["chain"].get("fallback") and edit["method"] in rows:
-                rows[edit["method"]]["fallbacks"] += 1
+            method, chain = edit["method"], edit["chain"] or {}
+            if method not in rows:
+                continue
+            if chain.get("fallback"):
+                rows[method]["fallbacks"] += 1
+            if "turns" in chain and "best_turn" in chain:  # a think row: agents.ThinkResult.summary()
+                n, edits, later = think.get(method, (0, 0, 0))
+                think[method] = (n + 1, edits + len(chain["turns"]), later + int((chain["best_turn"] or 1) > 1))
+    for method, (n, edits, later) in think.items():
+        rows[method] |= {"turns": edits / n, "later_best": later}
     return rows
 
 
@@ -407,22 +417,6 @@ def thinker_summary(metrics: list[dict]) -> dict[str, float]:
         "eval_step_first": evals[0].get("step", math.nan),
         "eval_step_last": evals[-1].get("step", math.nan),
     }
-
-
-def read_think_stats(eval_dir: Path) -> dict[str, dict[str, float]]:
-    """method id -> {turns: mean edits per scene, later_best: scenes whose kept edit is not turn 1} for think rows."""
-    stats: dict[str, dict[str, float]] = {}
-    for path in sorted(eval_dir.glob("edits*.jsonl")):
-        for line in path.read_text().splitlines():
-            edit = json.loads(line)
-            think = edit.get("chain") or {}  # a think row's record holds agents.ThinkResult.summary() here
-            if "turns" not in think or "best_turn" not in think:
-                continue
-            s = stats.setdefault(edit["method"], {"n": 0, "turns": 0.0, "later_best": 0})
-            s["n"] += 1
-            s["turns"] += len(think["turns"])
-            s["later_best"] += int((think["best_turn"] or 1) > 1)
-    return {m: {"turns": s["turns"] / s["n"], "later_best": s["later_best"]} for m, s in stats.items()}
 
 
 TABLE_HEADER = [
@@ -610,8 +604,7 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
         plot_rewards(think_metrics, root / "thinker_reward_curves.png", f"thinker GRPO reward components, seed {seed}",
                      THINKER_COMPONENTS)  # fmt: skip
         for folder, suffix in ((root / "eval_think", ""), (root / "eval_think_untrained", "/untrained")):
-            rows, stats = read_scores(folder), read_think_stats(folder)
-            scores |= {f"{m}{suffix}": v | stats.get(m, {}) for m, v in rows.items()}
+            scores |= {f"{m}{suffix}": v for m, v in read_scores(folder).items()}
         training["thinker"] = thinker_summary(think_metrics)
     timings_path.write_text(json.dumps(timings, indent=2) + "\n")
     print(f"seed {seed} stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), flush=True)

@@ -166,9 +166,8 @@ class ThinkerTask:
         """(image, user text, target critique) for a supervised warm-up (warmup.py), following agents.CRITIC_FORMAT:
         the judged score of turn 1 (rounded), then, when turn 1 already satisfies (score >= satisfied_at), the current
         instruction repeated; otherwise the gold sub-requests joined as one instruction. The think says which."""
-        (first,) = self.first_turns([example])
-        image, text = agents.critic_input(agents.CritiqueSample(example.load_image(), first.edited, example.request,
-                                                                example.request))  # fmt: skip
+        (image,), (text,) = self.prompts([example])
+        first = self._first[example.id]  # computed by prompts()
         if first.score >= self.satisfied_at:
             think, instruction = "The edit is right.", example.request
         else:
