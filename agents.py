@@ -53,7 +53,6 @@ from typing import Any, Literal, Protocol
 import torch
 from PIL import Image
 
-import grpo
 import policy
 import rewards
 from editors import EditError, Editor
@@ -255,23 +254,9 @@ def generate_texts(
     the same distribution GRPO rollouts use (seed torch's RNG beforehand for reproducibility).
     """
     batch = policy.encode_prompts(processor, list(images), list(prompts), system=system).to(model.device)
-    eos = policy.eos_token_ids(processor)
-    # Sampling parameters are passed explicitly: checkpoints ship their own generation_config defaults.
-    sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
-    if not greedy:
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    sequences = model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=policy.pad_token_id(processor),
-        **sampling,
-    )  # (B, P + T)
-    completion_ids = sequences[:, batch["input_ids"].shape[1] :]  # (B, T)
-    completion_mask = grpo.completion_mask_from_eos(completion_ids, eos)  # (B, T) 1 up to and including first EOS
-    rows = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
-    # Decoding only each row's own tokens: the padding after a short row's EOS must not reach the text.
-    return processor.tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return policy.generate(
+        model, processor, batch, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature
+    )
 
 
 def _chunks(n: int, size: int) -> list[range]:

@@ -47,6 +47,8 @@ AdvantageScale = Literal["group", "none"]
 
 ADV_EPS = 1e-4  # added to the group std; small against F1 reward spreads (>= 1/G) and keeps 1-outlier groups finite
 EQUAL_TOL = 1e-6  # rewards closer than this (in float64) count as equal: 1/3 in float32 is not exact
+KL_LOG_RATIO_CLAMP = 20.0  # |ref - logp| beyond 20 nats is numerical junk, not a divergence to learn from (verl)
+KL_CLAMP = 10.0  # bound of the per-token k3 estimate (verl's low_var_kl), so one token cannot dominate the loss
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -227,6 +229,13 @@ def shared_prompt_cache(model, prompts: dict[str, torch.Tensor], rows: torch.Ten
 # ----------------------------------------------------------------------------------------------------------------------
 # Rollout: G samples per prompt in one batched generate call.
 
+# Nucleus sampling renormalises over the tokens whose probabilities sum to top_p, while `per_token_logps` scores the
+# full softmax: the ratio would compare different distributions (at top_p 0.9 on the tiny model: mean -0.07, max 0.1
+# nats per token). Scoring under the same truncation would make the truncation part of the policy, and the sampled
+# tokens' support move with theta, so we refuse it instead.
+TOP_P_ERROR = ("top_p={top_p}: GRPO here samples from the full softmax (top_p=1), the distribution per_token_logps "
+               "scores; a nucleus would make the sampled and scored distributions differ (see grpo.py)")  # fmt: skip
+
 
 def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
     """1 at every position up to and including the first EOS, 0 after it; all 1 when no EOS was produced.
@@ -239,6 +248,35 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: list[i
     positions = torch.arange(T, device=completion_ids.device).expand_as(completion_ids)  # (B, T)
     first_eos = torch.where(is_eos, positions, T).min(dim=1).values  # (B,) T when there is no EOS
     return (positions <= first_eos.unsqueeze(1)).long()  # (B, T)
+
+
+# A checkpoint's generation_config.json holds chat defaults (Qwen2.5-VL-7B-Instruct ships repetition_penalty 1.05,
+# top_k 1, top_p 0.001, temperature 0.1), and `generate` fills every field its caller leaves unset from it. None may
+# be inherited: penalties, n-gram bans, top-k / top-p / typical / min-p / epsilon / eta cutoffs, minimum lengths,
+# forced, suppressed or biased tokens, guidance and watermarks all reshape the next-token distribution, so samples
+# would come from a distribution other than the softmax that `per_token_logps` scores (and greedy decoding would not
+# be the argmax). Every generate call of the project goes through `generate`, under a config of exactly its fields.
+
+
+def explicit_generation_config(model, **fields):
+    """A fresh generation config of the model's own class holding `fields` and nothing from the checkpoint."""
+    return type(model.generation_config)(**fields)
+
+
+@torch.no_grad()
+def generate(model, inputs: dict, fields: dict, **generate_kwargs):
+    """`model.generate(**inputs)` under `explicit_generation_config(model, **fields)`.
+
+    generate merges unset fields from `model.generation_config`, so the model's own config is swapped for the explicit
+    one for the duration of the call (and restored after). `generate_kwargs` are generate's own arguments
+    (`synced_gpus`), never generation fields.
+    """
+    config = explicit_generation_config(model, **fields)
+    saved, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(**inputs, generation_config=config, **generate_kwargs)
+    finally:
+        model.generation_config = saved
 
 
 @torch.no_grad()
@@ -259,14 +297,17 @@ def sample_group(
 ) -> Batch:
     """Sample G completions for each of N left-padded prompts with one `generate` call.
 
-    Sampling parameters are explicit (top_k=0): transformers' default top_k=50 would make the sampled distribution
-    differ from the one `per_token_logps` scores. Returns a Batch of B = N * G rows, rows of one prompt adjacent.
+    Every sampling field is explicit and nothing is inherited from the checkpoint (`generate`): transformers' default
+    top_k=50, or a checkpoint's repetition penalty, would make the sampled distribution differ from the one
+    `per_token_logps` scores. Returns a Batch of B = N * G rows, rows of one prompt adjacent.
     With `return_sampling_logps`, the log-probs that generation itself used are attached as `old_per_token_logps`
     (tests compare them with `per_token_logps`; training recomputes them in the training precision).
     `suppress_token_ids` can never be sampled (their logits are -inf); pass the same ids to `per_token_logps`.
     `share_prompt` prefills each prompt once and lets its G rows continue from copies of its KV cache
     (`shared_prompt_cache`): the same samples under a fixed seed, and about G times less prompt compute.
     """
+    if top_p != 1.0:
+        raise ValueError(TOP_P_ERROR.format(top_p=top_p))
     if eos_token_ids is None:
         eos = model.generation_config.eos_token_id
         eos_token_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -278,20 +319,10 @@ def sample_group(
         cache, _ = shared_prompt_cache(model, prompts, rows.to(prompts["input_ids"].device))
         # generate feeds only the tokens the cache lacks (each row's last prompt token), so no image inputs are needed
         inputs = {k: repeated[k] for k in SEQUENCE_KEYS if k in repeated} | {"cache": cache}
-    out = model.generate(
-        **inputs,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        return_dict_in_generate=True,
-        output_scores=return_sampling_logps,
-        suppress_tokens=suppress_token_ids or None,
-        **generate_kwargs,
-    )
+    fields = dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
+                  eos_token_id=eos_token_ids, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                  output_scores=return_sampling_logps, suppress_tokens=suppress_token_ids or None)  # fmt: skip
+    out = generate(model, inputs, fields, **generate_kwargs)
     prompt_len = repeated["input_ids"].shape[1]
     completion_ids = out.sequences[:, prompt_len:]  # (B, T)
     completion_mask = completion_mask_from_eos(completion_ids, eos_token_ids)  # (B, T)
@@ -398,13 +429,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: AdvantageSca
     return adv.view(-1).to(torch.float32)  # (B,)
 
 
-def kl_k3(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor) -> torch.Tensor:
+def kl_k3(
+    per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor, completion_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """k3 estimate of KL(pi_theta || pi_ref) per token (Schulman 2020): exp(d) - d - 1 with d = ref - logp. (B, T).
 
-    Unbiased for samples from pi_theta, always >= 0, and 0 exactly where the two log-probs agree.
+    Unbiased for samples from pi_theta, always >= 0, and 0 exactly where the two log-probs agree. Masked positions
+    (after EOS) get 0 before any exp: their log-probs can be junk (-100 in bf16), and exp(100) * 0 is NaN, not 0.
+    d is clamped to +-KL_LOG_RATIO_CLAMP and the estimate to KL_CLAMP, as verl's low-variance KL does.
     """
     delta = ref_per_token_logps - per_token_logps  # (B, T)
-    return torch.exp(delta) - delta - 1  # (B, T)
+    if completion_mask is not None:
+        delta = torch.where(completion_mask.bool(), delta, torch.zeros_like(delta))  # (B, T) masked: d = 0, KL = 0
+    delta = delta.clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)  # (B, T)
+    return (torch.exp(delta) - delta - 1).clamp(max=KL_CLAMP)  # (B, T)
 
 
 def loss_denominator(completion_mask: torch.Tensor, aggregation: Aggregation, max_completion_length: int) -> float:
@@ -442,21 +480,24 @@ def grpo_loss(
     """The GRPO loss (to minimise) of a batch or micro-batch, and metrics of this slice.
 
     `denominator` defaults to this batch's own `loss_denominator`; pass the whole batch's when this is a slice.
-    `ref_per_token_logps` may be None when beta == 0 (no reference model is needed then).
+    `ref_per_token_logps` may be None when beta == 0 (no reference model is needed then); the "kl" metric is then
+    absent. With reference log-probs and beta == 0 the KL is measured and logged but not optimised.
     """
     mask = completion_mask.to(per_token_logps.dtype)  # (B, T)
     adv = advantages.unsqueeze(1)  # (B, 1) one advantage for every token of a sequence
-    # rho_it = pi_theta / pi_old, in log space for stability (DeepSeekMath eq. 3)
-    ratio = torch.exp(per_token_logps - old_per_token_logps)  # (B, T)
+    # rho_it = pi_theta / pi_old, in log space for stability (DeepSeekMath eq. 3); masked positions get log-ratio 0
+    # before the exp, since exp of junk log-probs there can overflow and inf * 0 is NaN
+    log_ratio = torch.where(mask.bool(), per_token_logps - old_per_token_logps, torch.zeros_like(per_token_logps))
+    ratio = torch.exp(log_ratio)  # (B, T)
     clipped_ratio = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)  # (B, T)
     # min(rho A, clip(rho) A): the pessimistic bound of PPO (Schulman et al. 2017, eq. 7), per token
     surrogate = torch.min(ratio * adv, clipped_ratio * adv)  # (B, T)
     per_token_loss = -surrogate  # (B, T)
+    kl = None
+    if ref_per_token_logps is not None:
+        kl = kl_k3(per_token_logps, ref_per_token_logps, completion_mask)  # (B, T)
     if beta != 0.0:
-        kl = kl_k3(per_token_logps, ref_per_token_logps)  # (B, T)
         per_token_loss = per_token_loss + beta * kl  # (B, T) DeepSeekMath eq. 3: ... - beta * D_KL
-    else:
-        kl = torch.zeros_like(per_token_logps)  # (B, T)
 
     max_len = max_completion_length or completion_mask.shape[1]
     if denominator is None:
@@ -473,11 +514,12 @@ def grpo_loss(
         low = ((ratio < 1 - clip_eps_low) & (adv < 0)).to(mask.dtype)  # (B, T) clipped below: no gradient
         high = ((ratio > 1 + clip_eps_high) & (adv > 0)).to(mask.dtype)  # (B, T) clipped above: no gradient
         metrics = {
-            "kl": float((kl * mask).sum() / n_tok),
             "ratio_mean": float((ratio * mask).sum() / n_tok),
             "ratio_max": float(ratio.masked_fill(mask == 0, 0).max()),
             "clip_frac_low": float((low * mask).sum() / n_tok),
             "clip_frac_high": float((high * mask).sum() / n_tok),
             "tokens": float(mask.sum()),
         }
+        if kl is not None:  # no reference, no KL: absent from the metrics, never a measured-looking 0
+            metrics["kl"] = float((kl * mask).sum() / n_tok)
     return loss, metrics

@@ -364,19 +364,18 @@ class LocalJudge:
     """
 
     def __init__(self, path: str, *, max_new_tokens: int = 256, dtype=None, device=None) -> None:
-        from policy import load_policy  # imported here so that judge.py imports no project module at import time
+        from policy import generate, load_policy  # imported here: judge.py imports no project module at import time
 
         self.path, self.max_new_tokens = path, max_new_tokens
         self.name = f"local:{path}"
         self.model, self.processor = load_policy(path, dtype=dtype, device=device)
+        self._generate = generate
 
     def __repr__(self) -> str:
         return f"LocalJudge(path={self.path!r})"
 
     def generate_text(self, original: Image.Image, edited: Image.Image, request: str) -> str:
         """The model's raw reply to the rubric for one edit (greedy, at most `max_new_tokens` tokens)."""
-        import torch
-
         content = [
             {"type": "text", "text": rubric_prompt(request)},
             {"type": "image"},  # the ORIGINAL image
@@ -386,10 +385,8 @@ class LocalJudge:
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         images = [original.convert("RGB"), edited.convert("RGB")]
         inputs = self.processor(text=[prompt], images=images, return_tensors="pt").to(self.model.device)
-        with torch.no_grad():
-            sequences = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)  # (1, P+T)
-        completion = sequences[:, inputs["input_ids"].shape[1] :]  # (1, T)
-        return self.processor.batch_decode(completion, skip_special_tokens=True)[0]
+        [text] = self._generate(self.model, self.processor, inputs, max_new_tokens=self.max_new_tokens)  # greedy
+        return text
 
     def judge(self, original: Image.Image, edited: Image.Image, request: str) -> Verdict:
         """Score one edit; raises JudgeError when the reply is not a valid verdict."""

@@ -35,6 +35,8 @@ import transformers
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, BatchFeature, Qwen2_5_VLProcessor, Qwen3VLProcessor
 
+import grpo
+
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips: prompt and padding positions
 IM_END = "<|im_end|>"  # Qwen's end-of-turn token: the policy's answer ends here
 END_OF_TEXT = "<|endoftext|>"  # Qwen's end-of-document token, also its padding token
@@ -274,3 +276,37 @@ def encode_supervised(
         labels[i, target_start:] = batch["input_ids"][i, target_start:]
     batch["labels"] = labels
     return _ensure_mm_token_type_ids(processor, batch)
+
+
+# ------------------------------------------------------------------------------------------------------ generation
+
+
+@torch.no_grad()
+def generate(
+    model,
+    processor: transformers.ProcessorMixin,
+    inputs: dict,
+    *,
+    max_new_tokens: int,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    **generate_kwargs,
+) -> list[str]:
+    """One completion per row of an encoded batch, decoded up to and including its first end-of-turn token.
+
+    The one generate-and-decode path of the agents, the local judge and the held-out evaluation. greedy=True is the
+    argmax at every step; greedy=False samples at `temperature` from the full softmax, the distribution GRPO rollouts
+    use (seed torch's RNG beforehand). Either way nothing comes from the checkpoint's generation_config
+    (`grpo.generate`). `generate_kwargs` are generate's own arguments (`synced_gpus`).
+    """
+    eos = eos_token_ids(processor)
+    fields = {"do_sample": not greedy, "max_new_tokens": max_new_tokens, "eos_token_id": eos,
+              "pad_token_id": pad_token_id(processor)}  # fmt: skip
+    if not greedy:
+        fields.update(temperature=temperature, top_k=0, top_p=1.0)
+    sequences = grpo.generate(model, dict(inputs), fields, **generate_kwargs)  # (B, P + T)
+    completion_ids = sequences[:, inputs["input_ids"].shape[1] :]  # (B, T)
+    completion_mask = grpo.completion_mask_from_eos(completion_ids, eos)  # (B, T) 1 up to and including first EOS
+    # each row's own tokens only: the padding after a short row's EOS must not reach the text
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
+    return processor.tokenizer.batch_decode(rows, skip_special_tokens=True)

@@ -70,7 +70,8 @@ class Args:
     group_size: int = arg(8, "G: completions sampled per prompt (paper: 8)")
     prompts_per_step: int = arg(128, "prompts per step over all ranks; B = prompts_per_step * G sequences (ours)")
     temperature: float = arg(1.0, "sampling temperature; log-probs use the same (ours)")
-    top_p: float = arg(1.0, "nucleus sampling threshold; 1 keeps the full distribution (ours)")
+    top_p: float = arg(1.0, "nucleus sampling threshold; must be 1 (the full softmax that the log-probs score; "
+                            "see grpo.TOP_P_ERROR)")  # fmt: skip
     max_new_tokens: int = arg(256, "longest completion in tokens (ours)")
     lr: float = arg(1e-6, "AdamW learning rate, constant after warm-up (ours)")
     warmup_steps: int = arg(0, "linear learning-rate warm-up steps (ours)")
@@ -150,8 +151,11 @@ def print0(*a, **k):
 def deepspeed_config(args: Args, world_size: int, grad_accum: int, bf16: bool) -> dict:
     """The DeepSpeed config, built from Args so it can never drift from the CLI."""
     zero: dict = {"stage": args.zero_stage, "overlap_comm": False}
+    config: dict = {}
     if args.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        # the one AdamW (PyTorch's) then steps the CPU copies; DeepSpeed's faster DeepSpeedCPUAdam needs a C++ build
+        config["zero_force_ds_cpu_optimizer"] = False
     if args.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
         if args.zero3_live_parameters is not None:
@@ -165,8 +169,12 @@ def deepspeed_config(args: Args, world_size: int, grad_accum: int, bf16: bool) -
         "gradient_clipping": args.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
+        # DeepSpeed accumulates gradients in the model dtype by default; summed over tens of bf16 micro-batches they
+        # lose the small terms, so every micro-batch's reduced gradient is added into an fp32 buffer instead
+        "data_types": {"grad_accum_dtype": "fp32"},
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
+        **config,
     }
 
 
@@ -273,6 +281,12 @@ def prompts_for_step(n_examples: int, step: int, prompts_per_step: int, seed: in
     return order[k * prompts_per_step : (k + 1) * prompts_per_step]
 
 
+def rank_examples(train_set: list, step: int, args: Args, rank: int, local_prompts: int) -> list:
+    """This rank's prompts of a global step: its consecutive share of the step's seeded draw (G rows each follow)."""
+    idx = prompts_for_step(len(train_set), step, args.prompts_per_step, args.seed)
+    return [train_set[i] for i in idx[rank * local_prompts : (rank + 1) * local_prompts]]
+
+
 def build_task(args: Args) -> tasks.Task:
     """The agent being trained: its prompts and its reward (tasks.py)."""
     if args.agent == "think":
@@ -294,13 +308,21 @@ def to_device(prompt: dict, device) -> dict:
 # ---------------------------------------------------------------------------------------------------- GRPO pieces
 
 
+def scores_with_shared_prompt(args: Args) -> bool:
+    """Whether every scoring pass (old, reference, current) runs the shared-prompt path. One answer for all three:
+    the ratio and the KL must compare computations that are identical when the weights are (the two paths differ by
+    rounding, up to 0.12 nats in bf16 at 7B). Gradient checkpointing drops the KV cache, so it forces the full path."""
+    return args.share_prompt and not args.gradient_checkpointing
+
+
 @torch.no_grad()
 def batched_logps(model, batch: grpo.Batch, args: Args) -> torch.Tensor:
     """grpo.per_token_logps over micro-batches, without gradients: (B, T)."""
     T = batch.completion_ids.shape[1]
     parts = []
+    share = scores_with_shared_prompt(args)
     for mb in grpo.split_micro_batches(batch, _n_micro(batch, args)):
-        lp = grpo.per_token_logps(model, grpo.trim_padding(mb), args.temperature, share_prompt=args.share_prompt)
+        lp = grpo.per_token_logps(model, grpo.trim_padding(mb), args.temperature, share_prompt=share)
         parts.append(torch.nn.functional.pad(lp, (0, T - lp.shape[1])))  # (b, T) back to the batch's width
     return torch.cat(parts)  # (B, T)
 
@@ -328,9 +350,8 @@ def update_policy(engine, batch: grpo.Batch, args: Args, world_size: int, device
             micro_batches = grpo.split_micro_batches(mini, _n_micro(mini, args))
             for mb in micro_batches:
                 mb = grpo.trim_padding(mb)  # drop completion columns that are padding in every row of this slice
-                share = args.share_prompt and not args.gradient_checkpointing  # checkpointing drops the KV cache
                 logps, entropy = grpo.per_token_logps(
-                    engine, mb, args.temperature, return_entropy=True, share_prompt=share
+                    engine, mb, args.temperature, return_entropy=True, share_prompt=scores_with_shared_prompt(args)
                 )  # (b, T)
                 # on-policy (mu = 1, one mini-batch): the sampling policy is this very policy, so old = current
                 old = mb.old_per_token_logps if mb.old_per_token_logps is not None else logps.detach()
@@ -360,23 +381,24 @@ def update_policy(engine, batch: grpo.Batch, args: Args, world_size: int, device
 def evaluate(
     engine, processor, task, examples: list[data.RLExample], args: Args, rank: int, world: int, device
 ) -> dict:
-    """Greedy completions for this rank's share of the held-out split; mean of each reward component over all."""
+    """Greedy completions for this rank's share of the held-out split; mean of each reward component over all.
+
+    Every rank makes the same number of `generate` calls with the same number of rows: under ZeRO-3 with
+    `synced_gpus` a rank that stopped early would sit in the all-reduce below while the others still gather weights
+    for their next call (a hang). Short shares are padded with copies of an example, whose rewards are not counted.
+    """
+    share = math.ceil(len(examples) / world)  # the longest rank's share
     mine = examples[rank::world]
+    padded = mine + [examples[0]] * (share - len(mine))  # same length on every rank
     names = ["reward", *task.components]
     totals = np.zeros(len(names) + 1)  # sums of each component, then the count
     with generation_model(engine, args) as (model, gen_kwargs):
-        for i in range(0, max(len(mine), 1), args.micro_batch_size):
-            chunk = mine[i : i + args.micro_batch_size]
-            prompt = to_device(encode(processor, task, chunk), device) if chunk else None
-            texts = []
-            if chunk:
-                out = model.generate(**prompt, do_sample=False, max_new_tokens=args.max_new_tokens,
-                                     eos_token_id=policy.eos_token_ids(processor),
-                                     pad_token_id=policy.pad_token_id(processor), **gen_kwargs)  # fmt: skip
-                completion = out[:, prompt["input_ids"].shape[1] :]
-                mask = grpo.completion_mask_from_eos(completion, policy.eos_token_ids(processor))
-                texts = [processor.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion, mask)]
-            for r in task.rewards(chunk, texts) if chunk else []:
+        for i in range(0, share, args.micro_batch_size):
+            chunk = padded[i : i + args.micro_batch_size]
+            real = chunk[: max(len(mine) - i, 0)]  # the rows that are this rank's own examples
+            prompt = to_device(encode(processor, task, chunk), device)
+            texts = policy.generate(model, processor, prompt, max_new_tokens=args.max_new_tokens, **gen_kwargs)
+            for r in task.rewards(real, texts[: len(real)]) if real else []:
                 totals += [*(r[k] for k in names), 1]
     sums = global_sum(totals.tolist(), device)  # collective
     n = max(sums[-1], 1)
@@ -394,7 +416,8 @@ def step_metrics(breakdowns: list[dict], batch: grpo.Batch, stats: dict, group_s
     sums["zero_spread"] = float((totals.max(1) - totals.min(1) <= grpo.EQUAL_TOL).sum())
     for i, name in enumerate(components):
         sums[name], sums[name + "^2"] = values[:, i].sum(), (values[:, i] ** 2).sum()
-    token_weighted = ("kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "entropy")
+    # "kl" only when a reference is loaded (beta > 0): absent, not 0, when nothing measures the drift
+    token_weighted = [k for k in ("kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "entropy") if k in stats]
     for name in token_weighted:
         sums[name] = stats[name] * tokens
     g = dict(zip(sums, global_sum(list(sums.values()), device)))  # collective
@@ -453,8 +476,18 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 # ------------------------------------------------------------------------------------------------------------ main
 
 
+class ArgsError(ValueError):
+    """A setting that cannot train what the README says; reported (exit 2) before any process or model starts."""
+
+
+def check_args(args: Args) -> None:
+    if args.top_p != 1.0:
+        raise ArgsError("--" + grpo.TOP_P_ERROR.format(top_p=args.top_p).replace("_", "-", 1))
+
+
 def main(argv=None, task: tasks.Task | None = None) -> None:
     args = parse_dataclass_args(Args, argv)
+    check_args(args)
     train_set, eval_set = split_data(args)  # every line is validated before any process or model starts
     launch_if_needed(args)
     import deepspeed  # imported late: it is slow to import and the launcher parent does not need it
@@ -507,8 +540,7 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
     for step in range(start_step, total_steps):
         seed_step(args.seed, step, rank)
         timings: dict[str, float] = {}
-        idx = prompts_for_step(len(train_set), step, args.prompts_per_step, args.seed)
-        examples = [train_set[i] for i in idx[rank * local_prompts : (rank + 1) * local_prompts]]
+        examples = rank_examples(train_set, step, args, rank, local_prompts)
 
         # 1. rollout: G samples per prompt
         t = time.perf_counter()
@@ -569,8 +601,8 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
                         f.write(json.dumps({"step": step + 1, "id": e.id, "request": e.request,
                                             "completion": batch.texts[j], "reward": breakdowns[j]["reward"]}) + "\n")  # fmt: skip
             progress.update(1)
-            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.4f}",
-                                 len=f"{record['completion_len']:.0f}")  # fmt: skip
+            kl = {"kl": f"{record['kl']:.4f}"} if "kl" in record else {}
+            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", **kl, len=f"{record['completion_len']:.0f}")
 
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(engine, processor, step + 1, args, rank)
@@ -586,6 +618,6 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (data.DataError, policy.PolicyNotFoundError) as e:
+    except (ArgsError, data.DataError, policy.PolicyNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

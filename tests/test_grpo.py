@@ -180,6 +180,31 @@ def test_kl_term_pulls_the_loss_gradient_toward_the_reference():
     assert metrics["kl"] > 0
 
 
+def test_masked_extreme_logps_cannot_turn_the_loss_into_nan():
+    # a post-EOS position scored at -100 (bf16 junk): exp(ref - logp) = exp(100) overflows float32 to inf and
+    # inf * 0 (the mask) is NaN, which would poison the loss, the gradient and every weight
+    lp = torch.tensor([[-0.5, -100.0], [-0.7, -0.3]], requires_grad=True)  # (B, T)
+    ref = torch.tensor([[-0.6, -0.1], [-0.9, -0.2]])  # (B, T)
+    old = torch.tensor([[-0.5, -200.0], [-0.7, -0.3]])  # the ratio's exp(logp - old) overflows there too
+    mask = torch.tensor([[1, 0], [1, 1]])  # (B, T)
+    for aggregation in AGGREGATIONS:
+        loss, metrics = grpo.grpo_loss(lp, old, ref, torch.tensor([1.0, -1.0]), mask, beta=0.1, aggregation=aggregation)
+        (grad,) = torch.autograd.grad(loss, lp)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), aggregation
+        assert grad[0, 1] == 0 and math.isfinite(metrics["kl"]) and math.isfinite(metrics["ratio_mean"])
+
+
+def test_k3_is_bounded_like_verls_low_variance_kl():
+    # unmasked but extreme: the log-ratio is clamped to +-KL_LOG_RATIO_CLAMP and the estimate to KL_CLAMP
+    lp = torch.tensor([[-60.0, -0.5]])
+    ref = torch.tensor([[-0.1, -0.5]])
+    kl = grpo.kl_k3(lp, ref, torch.ones(1, 2))
+    assert torch.isfinite(kl).all() and float(kl[0, 0]) == grpo.KL_CLAMP and float(kl[0, 1]) == 0.0
+    small = grpo.kl_k3(torch.tensor([[-0.5]]), torch.tensor([[-0.7]]), torch.ones(1, 1))
+    d = -0.2
+    assert float(small) == pytest.approx(math.exp(d) - d - 1, rel=1e-6)  # unchanged where nothing is extreme
+
+
 def test_loss_rejects_unknown_aggregation():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="aggregation"):

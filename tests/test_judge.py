@@ -367,7 +367,8 @@ def test_local_judge_feeds_both_images_and_parses_the_decoded_reply(tiny_qwen25,
     original, edited = make_image(size=(32, 32), seed=1), make_image(size=(48, 32), seed=2)
     v = j.judge(original, edited, "make the sky purple")
     assert v.fulfilment == 3.0 and v.quality == 2.0 and v.preservation == 3.0 and "clamped" in v.reason
-    assert seen["do_sample"] is False and seen["max_new_tokens"] == 32
+    config = seen["generation_config"]  # explicit: nothing of the checkpoint's generation_config is inherited
+    assert config.do_sample is False and config.max_new_tokens == 32 and config.repetition_penalty is None
     assert seen["image_grid_thw"].shape == (2, 3)  # both images reached the model
     # The first image's grid is the ORIGINAL's (32x32 -> fewer patches than the 48x32 EDITED image).
     assert seen["image_grid_thw"][0].prod() < seen["image_grid_thw"][1].prod()
