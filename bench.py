@@ -4,6 +4,7 @@
     python bench.py --compare                # every variant below, taking turns step by step, in one process
     python bench.py --model qwen2_5_vl_7b    # GPU: the full-size Qwen2.5-VL-7B architecture with random weights
     python bench.py --model PATH --json out.json
+    python bench.py --rewards                # the reward parsers on long adversarial completions (linear time)
 
 A step is train.py's step without DeepSpeed, on one process: (1) rollout: G samples for each of N prompts,
 (2) reward and group advantages, (3) the reference policy's log-probs, (4) the update: forward, backward and one
@@ -77,6 +78,7 @@ class Args:
                                                      "for full-size models (AdamW state does not fit beside 7B)")  # fmt: skip
     dtype: Literal["auto", "float32", "bfloat16"] = arg("auto", "weights and compute; 'auto': bf16 on GPU, fp32 CPU")
     json: str | None = arg(None, "write the results here as JSON")
+    rewards: bool = arg(False, "instead: time the reward parsers on long adversarial completions and exit")
     seed: int = arg(0, "seed of the prompts, the warm-up and the sampling")
 
 
@@ -483,8 +485,29 @@ def print_table(result: dict) -> None:
           f"of decoding {result['decode_bound_tokens_per_s']:.0f} tokens/s")  # fmt: skip
 
 
+# Completions a policy could write that would make a backtracking regex take minutes; each is 100-200 kB.
+ADVERSARIAL_COMPLETIONS = {
+    "open-tags": "<action>" * 20000, "close-tags": "</action>" * 20000, "brackets": "[" * 100_000,
+    "json-nesting": '["' * 50_000, "long-think": "<think>" + "a," * 50_000, "bullets": "- " * 50_000 + "x",
+    "spaces": " " * 100_000 + "x" + " " * 100_000,
+}  # fmt: skip
+
+
+def time_reward_parsers() -> None:
+    """Seconds per adversarial completion for the whole reward (format, parse, F1): linear work is ~10 ms."""
+    gold = rewards.gold_from_lists(["recolor"], ["circle"], ["blue"])
+    for name, text in ADVERSARIAL_COMPLETIONS.items():
+        t = time.perf_counter()
+        rewards.decomposition_reward(text, gold)
+        rewards.parse_items(text)
+        rewards.action_key(text)
+        print(f"{name:>13}: {len(text) / 1e3:6.0f} kB in {(time.perf_counter() - t) * 1e3:8.1f} ms")
+
+
 def main(argv=None) -> None:
     args = parse_dataclass_args(Args, argv)
+    if args.rewards:
+        return time_reward_parsers()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

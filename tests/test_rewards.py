@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import rewards
@@ -87,14 +86,12 @@ def test_no_public_function_raises_and_rewards_are_in_unit_interval(text):
     ],
     ids=["open-tags", "close-tags", "brackets", "json-nesting", "long-think", "repeated-answer", "bullets", "spaces"],
 )
-def test_long_adversarial_inputs_are_fast(text):
-    start = time.perf_counter()
-    format_reward(text)
-    parse_decomposition(text)
+def test_long_adversarial_inputs_get_no_credit(text):
+    # how long these take is measured by `python bench.py --rewards` (linear: ~10 ms; a backtracking regex: minutes)
+    assert format_reward(text) == 0.0
+    assert decomposition_reward(text, GOLD).total < 1.0  # a repeated answer may parse, but never earns the format
     parse_items(text)
     action_key(text)
-    decomposition_reward(text, GOLD)
-    assert time.perf_counter() - start < 2.0  # linear work is ~10 ms; a backtracking regex would take minutes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -382,8 +379,7 @@ def test_bad_weights_raise(kwargs):
     use_goal=st.booleans(),
 )
 def test_total_is_within_unit_interval_for_any_weights(text, weights, use_goal):
-    if not use_goal and sum(weights[:3]) == 0:
-        return
+    assume(use_goal or sum(weights[:3]) > 0)  # else no weight is in use: test_bad_weights_raise covers that case
     r = decomposition_reward(
         text, GOLD, w_format=weights[0], w_action=weights[1], w_subject=weights[2], w_goal=weights[3], use_goal=use_goal
     )

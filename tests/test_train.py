@@ -126,21 +126,34 @@ def test_update_is_independent_of_world_size_micro_batches_and_zero_stage(tiny_q
             assert max_diff(base, loaded(out / aggregation / "policy")) < 2e-8, (aggregation, key)
 
 
-def test_resumed_run_matches_uninterrupted_run(tiny_qwen25, tmp_path):
-    common = ["--eval-every", "0", "--save-every", "2", "--beta", "0.05"]
-    full = tmp_path / "full"
-    train(tiny_qwen25, full, "--max-steps", "4", *common)
-    part = tmp_path / "part"
-    train(tiny_qwen25, part, "--max-steps", "2", *common)  # stands in for a run killed after its step-2 checkpoint
+def test_resumed_two_rank_run_matches_uninterrupted_run(tiny_qwen25, tmp_path):
+    # two ranks, the LetterTask (rewards differ within groups, so every step has a real policy gradient), no weight
+    # decay: a no-op update would leave the weights where they started, and the first check below catches it
+    common = ["--eval-every", "0", "--save-every", "2", "--beta", "0.05", "--weight-decay", "0", "--letter-task",
+              "--max-new-tokens", "12"]  # fmt: skip
+
+    def letter_run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        args = ["tests/probe_train.py", "--gpus", "2", "--model", str(tiny_qwen25), "--train-data", str(EXAMPLE),
+                "--eval-size", "8", "--output-dir", str(out), "--prompts-per-step", "4", "--group-size", "4",
+                "--micro-batch-size", "4", "--lr", "1e-3", *common, *extra]  # fmt: skip
+        proc = run(args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    letter_run(full, "--max-steps", "4")
+    letter_run(part, "--max-steps", "2")  # stands in for a run killed after its step-2 checkpoint
     (part / "metrics.jsonl").open("a").write(json.dumps({"step": 3, "junk": True}) + "\n")  # a step lost in the kill
-    proc = train(tiny_qwen25, part, "--max-steps", "4", "--resume", *common)
+    proc = letter_run(part, "--max-steps", "4", "--resume")
     assert "resumed from step 2" in proc.stdout
+    assert max_diff(weights(full / "policy"), weights(tiny_qwen25)) > 1e-4, "the run never moved the weights"
     assert max_diff(weights(full / "policy"), weights(part / "policy")) < 1e-6
-    steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
-    full_rewards = [json.loads(x)["reward_mean"] for x in (full / "metrics.jsonl").read_text().splitlines()]
-    part_rewards = [json.loads(x)["reward_mean"] for x in (part / "metrics.jsonl").read_text().splitlines()]
-    assert full_rewards == part_rewards
+    full_records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    part_records = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in part_records] == [1, 2, 3, 4]
+    assert all(r["grad_norm"] > 1e-3 for r in full_records)
+    for name in ("reward_mean", "kl", "grad_norm", "entropy"):
+        assert [r[name] for r in part_records] == pytest.approx([r[name] for r in full_records], rel=1e-5), name
 
 
 # ---------------------------------------------------------------------------------------------------------- errors
