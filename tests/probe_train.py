@@ -3,7 +3,7 @@
     python tests/probe_train.py TRAIN_ARGS... [--letter-task]
 
 Every call of `grpo.per_token_logps` (which path, with or without gradients), of `grpo.grpo_loss` (the slice's
-ratio metrics, numbered in call order) and of `grpo.group_advantages` (rewards in, advantages out) is appended, one
+ratio metrics and each row's mean log-ratio, numbered in call order) and of `grpo.group_advantages` (rewards in, advantages out) is appended, one
 JSON object a line, to OUTPUT_DIR/probe_rank{R}.jsonl. After every optimizer update the pre-clip gradient norm and
 the dtype DeepSpeed accumulates gradients in are recorded too.
 Nothing else changes: the recorder calls the real functions and returns their results.
@@ -48,10 +48,14 @@ def main() -> None:
                 "grad": torch.is_grad_enabled(), "rows": len(batch)})  # fmt: skip
         return real_logps(model, batch, *args, **kwargs)
 
-    def grpo_loss(*args, **kwargs):
-        loss, metrics = real_loss(*args, **kwargs)
+    def grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, **kwargs):
+        loss, metrics = real_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages,
+                                  completion_mask, **kwargs)  # fmt: skip
         counters["loss_calls"] += 1
-        record({"call": "loss", "n": counters["loss_calls"], "metrics": metrics})
+        mask = completion_mask.float()  # (b, T)
+        # each row's mean log-ratio log(pi_theta / pi_old): how far the updates so far moved that completion
+        log_ratio = ((per_token_logps.detach() - old_per_token_logps) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        record({"call": "loss", "n": counters["loss_calls"], "metrics": metrics, "row_log_ratio": log_ratio.tolist()})
         return loss, metrics
 
     real_update = train.update_policy

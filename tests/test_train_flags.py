@@ -128,6 +128,13 @@ def test_mu_two_recomputes_old_logps_and_the_ratio_leaves_one(tiny_qwen25, tmp_p
     clipped = sum(m["clip_frac_low"] + m["clip_frac_high"] for m in second)
     assert clipped > 0, "lr 1e-2 moves ratios past 1 +- 0.2; clipping must engage"
     assert len(of(evts, "update")) == 2 and metrics[0]["clip_frac_low"] + metrics[0]["clip_frac_high"] > 0
+    # the first update moved the policy toward the better completions of each group: in pass 2, a row's log-ratio
+    # log(pi_new / pi_old) correlates with its reward relative to its group's mean
+    [adv] = of(evts, "advantages")
+    r = torch.tensor(adv["rewards"]).view(-1, G)  # (N, G)
+    centred = (r - r.mean(1, keepdim=True)).view(-1)  # (B,) in the batch's row order, as the loss sees it
+    moved_by = torch.tensor([x for e in of(evts, "loss")[2:] for x in e["row_log_ratio"]])  # (B,)
+    assert float((centred * moved_by).sum()) > 0, "the update made worse-than-average completions likelier"
 
 
 def test_mini_batches_bf16_and_beta_zero(tiny_qwen25, tmp_path):
