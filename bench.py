@@ -20,10 +20,11 @@ is torch.cuda.max_memory_allocated on a GPU, and the process's maximum resident 
 Variants (each adds one optimisation to the one before; in fp32 all give the same samples and log-probs, see the
 tests; in bf16 on a GPU the shared and repeated prefills round differently, so the samples drift apart):
     plain          train.py as it is: every prompt repeated G times before generation and scoring
-    shared_rollout grpo.sample_group(share_prompt=True): each prompt prefilled once, its KV cache copied to G rows
-    shared_logps   grpo.per_token_logps(share_prompt=True) in the reference and update passes too
-    sorted_trim    rows sorted by completion length within each group (grpo.rows_by_length) and every micro-batch
-                   cut to its own longest prompt and completion (grpo.trim_padding)
+    shared_rollout sample_group(prefill=grpo_fast.shared_prompt_inputs): each prompt prefilled once, its KV cache
+                   copied to G rows
+    shared_logps   per_token_logps(forward=grpo_fast.shared_prompt_logits) in the reference and update passes too
+    sorted_trim    rows sorted by completion length within each group (grpo_fast.rows_by_length) and every
+                   micro-batch cut to its own longest prompt and completion (grpo_fast.trim_padding)
 
 Measuring choices: the reference pass runs the policy's own weights (same architecture, same cost, no second copy in
 memory); the optimizer's learning rate is 0, so every variant and every repeat sees the same weights and draws the same
@@ -49,6 +50,7 @@ from PIL import Image
 import agents
 import data
 import grpo
+import grpo_fast
 import policy
 import rewards
 import tiny
@@ -295,6 +297,11 @@ class Variant:
     sort_and_trim: bool
 
 
+def scoring_forward(variant: Variant):
+    """The variant's forward for the reference and update passes (grpo.per_token_logps's `forward`)."""
+    return grpo_fast.shared_prompt_logits if variant.share_logps else grpo.full_sequence_logits
+
+
 VARIANTS = {
     v.name: v
     for v in (
@@ -308,7 +315,7 @@ VARIANTS = {
 
 def micro_batches(batch: grpo.Batch, size: int, variant: Variant) -> list[grpo.Batch]:
     parts = grpo.split_micro_batches(batch, -(-len(batch) // size))
-    return [grpo.trim_padding(mb) for mb in parts] if variant.sort_and_trim else parts
+    return [grpo_fast.trim_padding(mb) for mb in parts] if variant.sort_and_trim else parts
 
 
 def padded(t: torch.Tensor, T: int) -> torch.Tensor:
@@ -328,10 +335,11 @@ def grpo_step(model, processor, optimizer, prompts, examples, args: Args, varian
     t = phase("rollout")
     batch = grpo.sample_group(
         model, processor, prompts, G, max_new_tokens=args.max_new_tokens, eos_token_ids=policy.eos_token_ids(processor),
-        suppress_token_ids=policy.vision_token_ids(processor), share_prompt=variant.share_rollout,
+        suppress_token_ids=policy.vision_token_ids(processor),
+        prefill=grpo_fast.shared_prompt_inputs if variant.share_rollout else None,
     )  # fmt: skip
     if variant.sort_and_trim:
-        batch = grpo.select(batch, grpo.rows_by_length(batch.completion_mask, G))
+        batch = grpo.select(batch, grpo_fast.rows_by_length(batch.completion_mask, G))
     sync(device)
     timings["rollout"] = time.perf_counter() - t
 
@@ -345,7 +353,7 @@ def grpo_step(model, processor, optimizer, prompts, examples, args: Args, varian
     T = batch.completion_ids.shape[1]
     with torch.no_grad():
         parts = [
-            padded(grpo.per_token_logps(model, mb, share_prompt=variant.share_logps), T)
+            padded(grpo.per_token_logps(model, mb, forward=scoring_forward(variant)), T)
             for mb in micro_batches(batch, args.micro_batch_size, variant)
         ]
     batch.ref_per_token_logps = torch.cat(parts)  # (B, T)
@@ -356,7 +364,7 @@ def grpo_step(model, processor, optimizer, prompts, examples, args: Args, varian
     model.train()
     denominator = grpo.loss_denominator(batch.completion_mask, "sequence", args.max_new_tokens)
     for mb in micro_batches(batch, args.micro_batch_size, variant):
-        logps = grpo.per_token_logps(model, mb, share_prompt=variant.share_logps)  # (b, T')
+        logps = grpo.per_token_logps(model, mb, forward=scoring_forward(variant))  # (b, T')
         loss, _ = grpo.grpo_loss(logps, logps.detach(), mb.ref_per_token_logps, mb.advantages, mb.completion_mask,
                                  max_completion_length=args.max_new_tokens, denominator=denominator)  # fmt: skip
         loss.backward()

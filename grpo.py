@@ -30,9 +30,10 @@ Departures from DeepSeekMath's GRPO, all switchable or documented:
 Shapes: N prompts, G rollouts per prompt, B = N * G sequences, P prompt tokens, T completion tokens, V vocabulary.
 This module imports torch only; the model, processor and rewards are handed in by the caller.
 
-Cost, not maths: `share_prompt=True` (sampling and scoring) runs each prompt once and its G rows from copies of its KV
-cache, and `rows_by_length` + `trim_padding` keep micro-batches from paying for padding. Each gives the same samples,
-log-probs and gradients as the plain path (tests/test_rollout_fast.py); bench.py measures what they save.
+Order of this file: the objective (advantages, k3, the loss and its aggregation), then the one log-prob function,
+then sampling, then the batch layout they share. This is the plain path. What only changes the cost (each prompt run
+once for its G rows from a copied KV cache; rows sorted by length and padding trimmed) is in grpo_fast.py, passed in
+as `forward=` / `prefill=`, and tested to give the same samples, log-probs and gradients (tests/test_rollout_fast.py).
 """
 
 from __future__ import annotations
@@ -52,361 +53,7 @@ KL_CLAMP = 10.0  # bound of the per-token k3 estimate (verl's low_var_kl), so on
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Batches. One place knows Qwen-VL's image layout: `pixel_values` is flat (all patches of all images concatenated),
-# one image per prompt row here, and image i owns image_grid_thw[i].prod() consecutive patch rows.
-
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # the prompt tensors laid out as (rows, P)
-
-
-@dataclass
-class Batch:
-    """The tensors of B sequences that every GRPO pass reads: prompt inputs, completion tokens and their mask.
-
-    `prompt` holds the processor's tensors for the prompt rows: input_ids (B, P), attention_mask (B, P),
-    mm_token_type_ids (B, P), image_grid_thw (B, 3) and pixel_values (sum of patches, D). The optional tensors are
-    filled in by the training loop before the update.
-    """
-
-    prompt: dict[str, torch.Tensor]
-    completion_ids: torch.Tensor  # (B, T)
-    completion_mask: torch.Tensor  # (B, T) 1 up to and including the first EOS
-    advantages: torch.Tensor | None = None  # (B,)
-    old_per_token_logps: torch.Tensor | None = None  # (B, T)
-    ref_per_token_logps: torch.Tensor | None = None  # (B, T)
-    texts: list[str] = field(default_factory=list)  # decoded completions, for rewards and logs
-    suppress_token_ids: list[int] = field(default_factory=list)  # never sampled; scored as impossible too
-
-    def __len__(self) -> int:
-        return self.completion_ids.shape[0]
-
-
-def _patch_offsets(image_grid_thw: torch.Tensor) -> torch.Tensor:
-    """Start offset of each image's block of rows in the flat pixel_values, plus the end: (n_images + 1,)."""
-    sizes = image_grid_thw.prod(-1)  # (n_images,) patches per image
-    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # (n_images + 1,)
-
-
-def select_rows(prompt: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Prompt inputs of the given rows (any order, repeats allowed), moving each row's image block with it."""
-    out = {}
-    for key, value in prompt.items():
-        if key == "pixel_values":
-            offsets = _patch_offsets(prompt["image_grid_thw"])  # (n_images + 1,)
-            blocks = [value[offsets[r] : offsets[r + 1]] for r in rows.tolist()]
-            out[key] = torch.cat(blocks)  # (sum of selected patches, D)
-        else:
-            out[key] = value[rows]  # (len(rows), ...)
-    return out
-
-
-def repeat_prompts(prompt: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
-    """Each prompt row G times in a row (rows 0,0,..,0,1,1,..): image blocks repeated per image, not per patch row."""
-    n = prompt["input_ids"].shape[0]
-    if "image_grid_thw" in prompt and prompt["image_grid_thw"].shape[0] != n:
-        raise ValueError(f"expected one image per prompt, got {prompt['image_grid_thw'].shape[0]} images for {n} rows")
-    rows = torch.arange(n).repeat_interleave(group_size)  # (N * G,)
-    return select_rows(prompt, rows)
-
-
-def select(batch: Batch, rows: torch.Tensor) -> Batch:
-    """The sub-batch of the given rows, every tensor field sliced consistently."""
-
-    def take(t):
-        return None if t is None else t[rows]
-
-    return replace(
-        batch,
-        prompt=select_rows(batch.prompt, rows),
-        completion_ids=batch.completion_ids[rows],
-        completion_mask=batch.completion_mask[rows],
-        advantages=take(batch.advantages),
-        old_per_token_logps=take(batch.old_per_token_logps),
-        ref_per_token_logps=take(batch.ref_per_token_logps),
-        texts=[batch.texts[i] for i in rows.tolist()] if batch.texts else [],
-    )
-
-
-def split_micro_batches(batch: Batch, num_micro: int) -> list[Batch]:
-    """Consecutive slices of (nearly) equal size. With `loss_denominator` taken from the whole batch, the summed
-    gradients of the slices equal the full batch's gradient for every aggregation."""
-    return [select(batch, rows) for rows in torch.arange(len(batch)).tensor_split(num_micro) if len(rows) > 0]
-
-
-def trim_padding(batch: Batch) -> Batch:
-    """The same rows without the columns that are padding in every row, so a micro-batch costs what its tokens cost.
-
-    Prompt columns left of the longest prompt (all rows left-padded) and completion columns right of the longest
-    unmasked completion go; every (B, T) field is cut to the same T'. The log-probs of unmasked tokens do not change:
-    positions come from the attention mask, and padded columns were masked out of attention anyway. Results come back
-    as (B, T'); pad them to T with zeros to put them beside the untrimmed batch.
-    """
-    first = int(batch.prompt["attention_mask"].any(0).nonzero()[0])  # first column that is real in some row
-    keep = int(batch.completion_mask.any(0).nonzero()[-1]) + 1  # one past the last column unmasked in some row
-    prompt = {k: v[:, first:] if k in SEQUENCE_KEYS else v for k, v in batch.prompt.items()}  # (B, P')
-
-    def cut(t):
-        return None if t is None else t[:, :keep]  # (B, T')
-
-    return replace(
-        batch,
-        prompt=prompt,
-        completion_ids=cut(batch.completion_ids),
-        completion_mask=cut(batch.completion_mask),
-        old_per_token_logps=cut(batch.old_per_token_logps),
-        ref_per_token_logps=cut(batch.ref_per_token_logps),
-    )
-
-
-def rows_by_length(completion_mask: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A row order that keeps each group's G rows together and sorts them by completion length, shortest first.
-
-    Consecutive micro-batches then hold completions of similar lengths, and `trim_padding` removes more. Samples of a
-    group are exchangeable, so the order changes nothing but the padding (with one mini-batch per step the gradient
-    is the same sum). Returns (B,) row indices for `select`.
-    """
-    lengths = completion_mask.sum(1).view(-1, group_size)  # (N, G)
-    within = lengths.argsort(dim=1, stable=True)  # (N, G)
-    starts = torch.arange(lengths.shape[0], device=lengths.device).unsqueeze(1) * group_size  # (N, 1)
-    return (starts + within).view(-1)  # (B,)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Shared prompts. The G rows of a group repeat one prompt, and the prompt is long (Qwen2.5-VL: ~1,300 image tokens for
-# a 1024x1024 image, plus ~250 of text) while a completion is short. Running each distinct prompt once and letting its
-# rows continue from copies of its KV cache gives the same attention inputs at every completion token, for a fraction
-# of the compute. `sample_group` and `per_token_logps` both offer it as `share_prompt=True`.
-
-
-def prompt_groups(prompt: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs of consecutive rows that hold the same prompt (same tokens, same image), as `repeat_prompts` lays them out.
-
-    Returns (the first row of each run (n,), the run of every row (B,)). Rows are compared by value, so any slice of a
-    batch works, including a micro-batch that cuts a group in two.
-    """
-    B, device = prompt["input_ids"].shape[0], prompt["input_ids"].device
-    pixels = prompt.get("pixel_values")
-    offsets = _patch_offsets(prompt["image_grid_thw"]).tolist() if pixels is not None else None  # n_images + 1
-
-    def same_as_previous(r: int) -> bool:
-        if not all(torch.equal(prompt[k][r], prompt[k][r - 1]) for k in SEQUENCE_KEYS if k in prompt):
-            return False
-        return pixels is None or torch.equal(pixels[offsets[r] : offsets[r + 1]], pixels[offsets[r - 1] : offsets[r]])
-
-    starts = torch.tensor([True] + [not same_as_previous(r) for r in range(1, B)], device=device)  # (B,) run starts
-    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1  # (n,), (B,)
-
-
-def _rope_deltas_owner(model):
-    """The module where Qwen-VL keeps `rope_deltas` between a prefill and the steps that continue it (or None)."""
-    return next((m for m in model.modules() if hasattr(m, "rope_deltas")), None)
-
-
-def shared_prompt_cache(model, prompts: dict[str, torch.Tensor], rows: torch.Tensor):
-    """Run n distinct prompts once, all but their last token, and copy each one's KV cache to the rows that use it.
-
-    `prompts` holds the n distinct prompts, `rows` (B,) the prompt each output row continues. The last prompt token is
-    left out, so the caller's next forward (or generate's first step) runs it for every row and gets the logits that
-    predict the first completion token. Qwen-VL's M-RoPE gives the text after an image positions shifted by a per-row
-    offset (`rope_deltas` (n, 1)) that the model computes in the prefill and stores for the steps that continue it; it
-    is copied to the B rows too. Returns (the cache with B rows, rope_deltas (B, 1)).
-    """
-    owner = _rope_deltas_owner(model)
-    if owner is not None:
-        owner.rope_deltas = None  # offsets of an earlier batch must not leak into this prefill
-    head = {k: v[:, :-1] if k in SEQUENCE_KEYS else v for k, v in prompts.items()}  # input_ids (n, P - 1)
-    out = model(**head, use_cache=True, logits_to_keep=1)
-    if "cache" not in out:  # transformers <= 5.23 names it past_key_values, in the output and in forward's arguments
-        raise RuntimeError("share_prompt=True needs transformers >= 5.24, whose models take the KV cache as `cache`")
-    cache = out.cache
-    cache.batch_select_indices(rows)  # every layer's keys and values: (B, kv_heads, P - 1, head_dim)
-    deltas = getattr(owner, "rope_deltas", None)  # (n, 1); None when the prompts have no image
-    deltas = torch.zeros(len(rows), 1, dtype=torch.long, device=rows.device) if deltas is None else deltas[rows]
-    if owner is not None:
-        owner.rope_deltas = deltas  # (B, 1) read by generate's next steps
-    return cache, deltas
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Rollout: G samples per prompt in one batched generate call.
-
-# Nucleus sampling renormalises over the tokens whose probabilities sum to top_p, while `per_token_logps` scores the
-# full softmax: the ratio would compare different distributions (at top_p 0.9 on the tiny model: mean -0.07, max 0.1
-# nats per token). Scoring under the same truncation would make the truncation part of the policy, and the sampled
-# tokens' support move with theta, so we refuse it instead.
-TOP_P_ERROR = ("top_p={top_p}: GRPO here samples from the full softmax (top_p=1), the distribution per_token_logps "
-               "scores; a nucleus would make the sampled and scored distributions differ (see grpo.py)")  # fmt: skip
-
-
-def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
-    """1 at every position up to and including the first EOS, 0 after it; all 1 when no EOS was produced.
-
-    Decided by position, never by token value: a pad token that equals EOS, or an EOS-like token inside the text,
-    must not change which tokens the loss sees.
-    """
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (B, T)
-    T = completion_ids.shape[1]
-    positions = torch.arange(T, device=completion_ids.device).expand_as(completion_ids)  # (B, T)
-    first_eos = torch.where(is_eos, positions, T).min(dim=1).values  # (B,) T when there is no EOS
-    return (positions <= first_eos.unsqueeze(1)).long()  # (B, T)
-
-
-# A checkpoint's generation_config.json holds chat defaults (Qwen2.5-VL-7B-Instruct ships repetition_penalty 1.05,
-# top_k 1, top_p 0.001, temperature 0.1), and `generate` fills every field its caller leaves unset from it. None may
-# be inherited: penalties, n-gram bans, top-k / top-p / typical / min-p / epsilon / eta cutoffs, minimum lengths,
-# forced, suppressed or biased tokens, guidance and watermarks all reshape the next-token distribution, so samples
-# would come from a distribution other than the softmax that `per_token_logps` scores (and greedy decoding would not
-# be the argmax). Every generate call of the project goes through `generate`, under a config of exactly its fields.
-
-
-def explicit_generation_config(model, **fields):
-    """A fresh generation config of the model's own class holding `fields` and nothing from the checkpoint."""
-    return type(model.generation_config)(**fields)
-
-
-@torch.no_grad()
-def generate(model, inputs: dict, fields: dict, **generate_kwargs):
-    """`model.generate(**inputs)` under `explicit_generation_config(model, **fields)`.
-
-    generate merges unset fields from `model.generation_config`, so the model's own config is swapped for the explicit
-    one for the duration of the call (and restored after). `generate_kwargs` are generate's own arguments
-    (`synced_gpus`), never generation fields.
-    """
-    config = explicit_generation_config(model, **fields)
-    saved, model.generation_config = model.generation_config, config
-    try:
-        return model.generate(**inputs, generation_config=config, **generate_kwargs)
-    finally:
-        model.generation_config = saved
-
-
-@torch.no_grad()
-def sample_group(
-    model,
-    processor,
-    prompts: dict[str, torch.Tensor],
-    group_size: int,
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    eos_token_ids: list[int] | None = None,
-    suppress_token_ids: list[int] | None = None,
-    return_sampling_logps: bool = False,
-    share_prompt: bool = False,
-    **generate_kwargs,
-) -> Batch:
-    """Sample G completions for each of N left-padded prompts with one `generate` call.
-
-    Every sampling field is explicit and nothing is inherited from the checkpoint (`generate`): transformers' default
-    top_k=50, or a checkpoint's repetition penalty, would make the sampled distribution differ from the one
-    `per_token_logps` scores. Returns a Batch of B = N * G rows, rows of one prompt adjacent.
-    With `return_sampling_logps`, the log-probs that generation itself used are attached as `old_per_token_logps`
-    (tests compare them with `per_token_logps`; training recomputes them in the training precision).
-    `suppress_token_ids` can never be sampled (their logits are -inf); pass the same ids to `per_token_logps`.
-    `share_prompt` prefills each prompt once and lets its G rows continue from copies of its KV cache
-    (`shared_prompt_cache`): the same samples under a fixed seed, and about G times less prompt compute.
-    """
-    if top_p != 1.0:
-        raise ValueError(TOP_P_ERROR.format(top_p=top_p))
-    if eos_token_ids is None:
-        eos = model.generation_config.eos_token_id
-        eos_token_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    tokenizer = getattr(processor, "tokenizer", processor)
-    repeated = repeat_prompts(prompts, group_size)  # input_ids (B, P)
-    inputs = repeated
-    if share_prompt:
-        rows = torch.arange(prompts["input_ids"].shape[0]).repeat_interleave(group_size)  # (B,) prompt of each row
-        cache, _ = shared_prompt_cache(model, prompts, rows.to(prompts["input_ids"].device))
-        # generate feeds only the tokens the cache lacks (each row's last prompt token), so no image inputs are needed
-        inputs = {k: repeated[k] for k in SEQUENCE_KEYS if k in repeated} | {"cache": cache}
-    fields = dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
-                  eos_token_id=eos_token_ids, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-                  output_scores=return_sampling_logps, suppress_tokens=suppress_token_ids or None)  # fmt: skip
-    out = generate(model, inputs, fields, **generate_kwargs)
-    prompt_len = repeated["input_ids"].shape[1]
-    completion_ids = out.sequences[:, prompt_len:]  # (B, T)
-    completion_mask = completion_mask_from_eos(completion_ids, eos_token_ids)  # (B, T)
-    # decode each row's unmasked tokens only: multiplying by the mask would turn padding into token 0 ("!")
-    texts = [
-        tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)
-    ]
-    batch = Batch(repeated, completion_ids, completion_mask, texts=texts, suppress_token_ids=suppress_token_ids or [])
-    if return_sampling_logps:
-        scores = torch.stack(out.scores, dim=1).float()  # (B, T, V) logits after temperature, as sampled
-        logps = scores.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
-        batch.old_per_token_logps = logps * completion_mask
-    return batch
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The one log-prob function: current, old and reference policy all go through here.
-
-
-def per_token_logps(
-    model, batch: Batch, temperature: float = 1.0, *, return_entropy: bool = False, share_prompt: bool = False
-):
-    """log pi(o_t | q, o_<t) for every completion token: (B, T), or ((B, T), entropy (B, T)).
-
-    The prompt and completion are run as one sequence. Logits at position t predict token t + 1, hence the one-token
-    shift; only the last T + 1 positions' logits are materialised (`logits_to_keep`). Logits are divided by the
-    sampling temperature and the log-softmax is taken in fp32 (bf16 log-probs are too coarse for ratios near 1).
-    `mm_token_type_ids` is extended with zeros over the completion: without it Qwen2.5-VL silently falls back to
-    1-D positions. Positions after a sequence's EOS are scored but masked by the caller. Tokens that sampling
-    suppressed (`batch.suppress_token_ids`) get logit -inf here too, so both sides use the same distribution.
-    `share_prompt` runs each distinct prompt of the batch once and the completions against copies of its KV cache
-    (`shared_prompt_cache`): the same log-probs and gradients, with the prompt computed once per group of rows.
-    """
-    logits = _shared_prompt_logits(model, batch) if share_prompt else _full_sequence_logits(model, batch)  # (B, T+1, V)
-    logits = logits[:, :-1, :].float() / temperature  # (B, T, V) position P-1+t predicts completion token t
-    if batch.suppress_token_ids:
-        logits[..., batch.suppress_token_ids] = float("-inf")  # (B, T, V) as generate's SuppressTokensLogitsProcessor
-    logps = logits.log_softmax(-1)  # (B, T, V)
-    token_logps = logps.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    if not return_entropy:
-        return token_logps
-    with torch.no_grad():
-        # suppressed tokens have logp -inf and p 0: clamping keeps their 0 * logp at 0 instead of nan
-        entropy = -(logps.exp() * logps.clamp(min=torch.finfo(logps.dtype).min)).sum(-1)  # (B, T)
-    return token_logps, entropy
-
-
-def _full_sequence_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits (B, T + 1, V) at the last prompt token and the completion, from one pass over prompt + completion."""
-    prompt = batch.prompt
-    T = batch.completion_ids.shape[1]
-    input_ids = torch.cat([prompt["input_ids"], batch.completion_ids], dim=1)  # (B, P + T)
-    attention_mask = torch.cat([prompt["attention_mask"], torch.ones_like(batch.completion_ids)], dim=1)  # (B, P+T)
-    extra = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    if "mm_token_type_ids" in prompt:
-        zeros = torch.zeros_like(batch.completion_ids)  # (B, T) completion tokens are text
-        extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], zeros], dim=1)  # (B, P + T)
-    return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, **extra).logits
-
-
-def _shared_prompt_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits (B, T + 1, V) as `_full_sequence_logits`, with each distinct prompt's first P - 1 tokens run once."""
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    if checkpointing and model.training and torch.is_grad_enabled():
-        # transformers' checkpointed layers set cache=None, which would silently score the completion without its prompt
-        raise ValueError(
-            "per_token_logps(share_prompt=True) cannot run with gradient checkpointing on: "
-            "checkpointed layers drop the prompt's KV cache; use share_prompt=False for this pass"
-        )
-    prompt = batch.prompt
-    T = batch.completion_ids.shape[1]
-    first_rows, rows = prompt_groups(prompt)  # (n,), (B,)
-    cache, rope_deltas = shared_prompt_cache(model, select_rows(prompt, first_rows), rows)  # rope_deltas (B, 1)
-    input_ids = torch.cat([prompt["input_ids"][:, -1:], batch.completion_ids], dim=1)  # (B, 1 + T)
-    attention_mask = torch.cat([prompt["attention_mask"], torch.ones_like(batch.completion_ids)], dim=1)  # (B, P+T)
-    # text after the prompt sits at the same position on all three M-RoPE axes: its 1-D position plus the row's offset
-    position_ids = (attention_mask.cumsum(-1) - 1)[:, -(T + 1) :] + rope_deltas  # (B, 1 + T)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                use_cache=True, logits_to_keep=T + 1)  # fmt: skip
-    return out.logits
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Advantages, KL, loss.
+# The objective: advantages, the k3 KL, the aggregation's denominator and the loss.
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: AdvantageScale = "group") -> torch.Tensor:
@@ -523,3 +170,235 @@ def grpo_loss(
         if kl is not None:  # no reference, no KL: absent from the metrics, never a measured-looking 0
             metrics["kl"] = float((kl * mask).sum() / n_tok)
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The one log-prob function: current, old and reference policy all go through here.
+
+
+def per_token_logps(model, batch: Batch, temperature: float = 1.0, *, return_entropy: bool = False, forward=None):
+    """log pi(o_t | q, o_<t) for every completion token: (B, T), or ((B, T), entropy (B, T)).
+
+    The prompt and completion are run as one sequence. Logits at position t predict token t + 1, hence the one-token
+    shift; only the last T + 1 positions' logits are materialised (`logits_to_keep`). Logits are divided by the
+    sampling temperature and the log-softmax is taken in fp32 (bf16 log-probs are too coarse for ratios near 1).
+    `mm_token_type_ids` is extended with zeros over the completion: without it Qwen2.5-VL silently falls back to
+    1-D positions. Positions after a sequence's EOS are scored but masked by the caller. Tokens that sampling
+    suppressed (`batch.suppress_token_ids`) get logit -inf here too, so both sides use the same distribution.
+    `forward(model, batch)` computes those logits (B, T + 1, V): `full_sequence_logits` by default, or
+    `grpo_fast.shared_prompt_logits`, which gives the same numbers with each distinct prompt run once.
+    """
+    logits = (forward or full_sequence_logits)(model, batch)  # (B, T + 1, V)
+    logits = logits[:, :-1, :].float() / temperature  # (B, T, V) position P-1+t predicts completion token t
+    if batch.suppress_token_ids:
+        logits[..., batch.suppress_token_ids] = float("-inf")  # (B, T, V) as generate's SuppressTokensLogitsProcessor
+    logps = logits.log_softmax(-1)  # (B, T, V)
+    token_logps = logps.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if not return_entropy:
+        return token_logps
+    with torch.no_grad():
+        # suppressed tokens have logp -inf and p 0: clamping keeps their 0 * logp at 0 instead of nan
+        entropy = -(logps.exp() * logps.clamp(min=torch.finfo(logps.dtype).min)).sum(-1)  # (B, T)
+    return token_logps, entropy
+
+
+def full_sequence_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits (B, T + 1, V) at the last prompt token and the completion, from one pass over prompt + completion."""
+    prompt = batch.prompt
+    T = batch.completion_ids.shape[1]
+    input_ids = torch.cat([prompt["input_ids"], batch.completion_ids], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([prompt["attention_mask"], torch.ones_like(batch.completion_ids)], dim=1)  # (B, P+T)
+    extra = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "mm_token_type_ids" in prompt:
+        zeros = torch.zeros_like(batch.completion_ids)  # (B, T) completion tokens are text
+        extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], zeros], dim=1)  # (B, P + T)
+    return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, **extra).logits
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rollout: G samples per prompt in one batched generate call.
+
+# Nucleus sampling renormalises over the tokens whose probabilities sum to top_p, while `per_token_logps` scores the
+# full softmax: the ratio would compare different distributions (at top_p 0.9 on the tiny model: mean -0.07, max 0.1
+# nats per token). Scoring under the same truncation would make the truncation part of the policy, and the sampled
+# tokens' support move with theta, so we refuse it instead.
+TOP_P_ERROR = ("top_p={top_p}: GRPO here samples from the full softmax (top_p=1), the distribution per_token_logps "
+               "scores; a nucleus would make the sampled and scored distributions differ (see grpo.py)")  # fmt: skip
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 at every position up to and including the first EOS, 0 after it; all 1 when no EOS was produced.
+
+    Decided by position, never by token value: a pad token that equals EOS, or an EOS-like token inside the text,
+    must not change which tokens the loss sees.
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (B, T)
+    T = completion_ids.shape[1]
+    positions = torch.arange(T, device=completion_ids.device).expand_as(completion_ids)  # (B, T)
+    first_eos = torch.where(is_eos, positions, T).min(dim=1).values  # (B,) T when there is no EOS
+    return (positions <= first_eos.unsqueeze(1)).long()  # (B, T)
+
+
+# A checkpoint's generation_config.json holds chat defaults (Qwen2.5-VL-7B-Instruct ships repetition_penalty 1.05,
+# top_k 1, top_p 0.001, temperature 0.1), and `generate` fills every field its caller leaves unset from it. None may
+# be inherited: penalties, n-gram bans, top-k / top-p / typical / min-p / epsilon / eta cutoffs, minimum lengths,
+# forced, suppressed or biased tokens, guidance and watermarks all reshape the next-token distribution, so samples
+# would come from a distribution other than the softmax that `per_token_logps` scores (and greedy decoding would not
+# be the argmax). Every generate call of the project goes through `generate`, under a config of exactly its fields.
+
+
+def explicit_generation_config(model, **fields):
+    """A fresh generation config of the model's own class holding `fields` and nothing from the checkpoint."""
+    return type(model.generation_config)(**fields)
+
+
+@torch.no_grad()
+def generate(model, inputs: dict, fields: dict, **generate_kwargs):
+    """`model.generate(**inputs)` under `explicit_generation_config(model, **fields)`.
+
+    generate merges unset fields from `model.generation_config`, so the model's own config is swapped for the explicit
+    one for the duration of the call (and restored after). `generate_kwargs` are generate's own arguments
+    (`synced_gpus`), never generation fields.
+    """
+    config = explicit_generation_config(model, **fields)
+    saved, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(**inputs, generation_config=config, **generate_kwargs)
+    finally:
+        model.generation_config = saved
+
+
+@torch.no_grad()
+def sample_group(
+    model,
+    processor,
+    prompts: dict[str, torch.Tensor],
+    group_size: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_ids: list[int] | None = None,
+    suppress_token_ids: list[int] | None = None,
+    return_sampling_logps: bool = False,
+    prefill=None,
+    **generate_kwargs,
+) -> Batch:
+    """Sample G completions for each of N left-padded prompts with one `generate` call.
+
+    Every sampling field is explicit and nothing is inherited from the checkpoint (`generate`): transformers' default
+    top_k=50, or a checkpoint's repetition penalty, would make the sampled distribution differ from the one
+    `per_token_logps` scores. Returns a Batch of B = N * G rows, rows of one prompt adjacent.
+    With `return_sampling_logps`, the log-probs that generation itself used are attached as `old_per_token_logps`
+    (tests compare them with `per_token_logps`; training recomputes them in the training precision).
+    `suppress_token_ids` can never be sampled (their logits are -inf); pass the same ids to `per_token_logps`.
+    `prefill(model, prompts, group_size, repeated)`, if given, returns the inputs generate starts from instead of
+    the B repeated prompts: `grpo_fast.shared_prompt_inputs` runs each prompt once and lets its G rows continue from
+    copies of its KV cache (the same samples under a fixed seed, about G times less prompt compute).
+    """
+    if top_p != 1.0:
+        raise ValueError(TOP_P_ERROR.format(top_p=top_p))
+    if eos_token_ids is None:
+        eos = model.generation_config.eos_token_id
+        eos_token_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    repeated = repeat_prompts(prompts, group_size)  # input_ids (B, P)
+    inputs = prefill(model, prompts, group_size, repeated) if prefill else repeated
+    fields = dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
+                  eos_token_id=eos_token_ids, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                  output_scores=return_sampling_logps, suppress_tokens=suppress_token_ids or None)  # fmt: skip
+    out = generate(model, inputs, fields, **generate_kwargs)
+    prompt_len = repeated["input_ids"].shape[1]
+    completion_ids = out.sequences[:, prompt_len:]  # (B, T)
+    completion_mask = completion_mask_from_eos(completion_ids, eos_token_ids)  # (B, T)
+    # decode each row's unmasked tokens only: multiplying by the mask would turn padding into token 0 ("!")
+    texts = [
+        tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)
+    ]
+    batch = Batch(repeated, completion_ids, completion_mask, texts=texts, suppress_token_ids=suppress_token_ids or [])
+    if return_sampling_logps:
+        scores = torch.stack(out.scores, dim=1).float()  # (B, T, V) logits after temperature, as sampled
+        logps = scores.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        batch.old_per_token_logps = logps * completion_mask
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batches. One place knows Qwen-VL's image layout: `pixel_values` is flat (all patches of all images concatenated),
+# one image per prompt row here, and image i owns image_grid_thw[i].prod() consecutive patch rows.
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # the prompt tensors laid out as (rows, P)
+
+
+@dataclass
+class Batch:
+    """The tensors of B sequences that every GRPO pass reads: prompt inputs, completion tokens and their mask.
+
+    `prompt` holds the processor's tensors for the prompt rows: input_ids (B, P), attention_mask (B, P),
+    mm_token_type_ids (B, P), image_grid_thw (B, 3) and pixel_values (sum of patches, D). The optional tensors are
+    filled in by the training loop before the update.
+    """
+
+    prompt: dict[str, torch.Tensor]
+    completion_ids: torch.Tensor  # (B, T)
+    completion_mask: torch.Tensor  # (B, T) 1 up to and including the first EOS
+    advantages: torch.Tensor | None = None  # (B,)
+    old_per_token_logps: torch.Tensor | None = None  # (B, T)
+    ref_per_token_logps: torch.Tensor | None = None  # (B, T)
+    texts: list[str] = field(default_factory=list)  # decoded completions, for rewards and logs
+    suppress_token_ids: list[int] = field(default_factory=list)  # never sampled; scored as impossible too
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+
+def patch_offsets(image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """Start offset of each image's block of rows in the flat pixel_values, plus the end: (n_images + 1,)."""
+    sizes = image_grid_thw.prod(-1)  # (n_images,) patches per image
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # (n_images + 1,)
+
+
+def select_rows(prompt: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Prompt inputs of the given rows (any order, repeats allowed), moving each row's image block with it."""
+    out = {}
+    for key, value in prompt.items():
+        if key == "pixel_values":
+            offsets = patch_offsets(prompt["image_grid_thw"])  # (n_images + 1,)
+            blocks = [value[offsets[r] : offsets[r + 1]] for r in rows.tolist()]
+            out[key] = torch.cat(blocks)  # (sum of selected patches, D)
+        else:
+            out[key] = value[rows]  # (len(rows), ...)
+    return out
+
+
+def repeat_prompts(prompt: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """Each prompt row G times in a row (rows 0,0,..,0,1,1,..): image blocks repeated per image, not per patch row."""
+    n = prompt["input_ids"].shape[0]
+    if "image_grid_thw" in prompt and prompt["image_grid_thw"].shape[0] != n:
+        raise ValueError(f"expected one image per prompt, got {prompt['image_grid_thw'].shape[0]} images for {n} rows")
+    rows = torch.arange(n).repeat_interleave(group_size)  # (N * G,)
+    return select_rows(prompt, rows)
+
+
+def select(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The sub-batch of the given rows, every tensor field sliced consistently."""
+
+    def take(t):
+        return None if t is None else t[rows]
+
+    return replace(
+        batch,
+        prompt=select_rows(batch.prompt, rows),
+        completion_ids=batch.completion_ids[rows],
+        completion_mask=batch.completion_mask[rows],
+        advantages=take(batch.advantages),
+        old_per_token_logps=take(batch.old_per_token_logps),
+        ref_per_token_logps=take(batch.ref_per_token_logps),
+        texts=[batch.texts[i] for i in rows.tolist()] if batch.texts else [],
+    )
+
+
+def split_micro_batches(batch: Batch, num_micro: int) -> list[Batch]:
+    """Consecutive slices of (nearly) equal size. With `loss_denominator` taken from the whole batch, the summed
+    gradients of the slices equal the full batch's gradient for every aggregation."""
+    return [select(batch, rows) for rows in torch.arange(len(batch)).tensor_split(num_micro) if len(rows) > 0]

@@ -45,6 +45,7 @@ import torch
 
 import data
 import grpo
+import grpo_fast
 import policy
 import tasks
 from cli import arg, parse_dataclass_args
@@ -308,11 +309,12 @@ def to_device(prompt: dict, device) -> dict:
 # ---------------------------------------------------------------------------------------------------- GRPO pieces
 
 
-def scores_with_shared_prompt(args: Args) -> bool:
-    """Whether every scoring pass (old, reference, current) runs the shared-prompt path. One answer for all three:
-    the ratio and the KL must compare computations that are identical when the weights are (the two paths differ by
+def scoring_forward(args: Args):
+    """The forward of every scoring pass (old, reference, current): one for all three, because the ratio and the KL
+    must compare computations that are identical when the weights are (the shared-prompt and full paths differ by
     rounding, up to 0.12 nats in bf16 at 7B). Gradient checkpointing drops the KV cache, so it forces the full path."""
-    return args.share_prompt and not args.gradient_checkpointing
+    shared = args.share_prompt and not args.gradient_checkpointing
+    return grpo_fast.shared_prompt_logits if shared else grpo.full_sequence_logits
 
 
 @torch.no_grad()
@@ -320,9 +322,8 @@ def batched_logps(model, batch: grpo.Batch, args: Args) -> torch.Tensor:
     """grpo.per_token_logps over micro-batches, without gradients: (B, T)."""
     T = batch.completion_ids.shape[1]
     parts = []
-    share = scores_with_shared_prompt(args)
     for mb in grpo.split_micro_batches(batch, _n_micro(batch, args)):
-        lp = grpo.per_token_logps(model, grpo.trim_padding(mb), args.temperature, share_prompt=share)
+        lp = grpo.per_token_logps(model, grpo_fast.trim_padding(mb), args.temperature, forward=scoring_forward(args))
         parts.append(torch.nn.functional.pad(lp, (0, T - lp.shape[1])))  # (b, T) back to the batch's width
     return torch.cat(parts)  # (B, T)
 
@@ -349,9 +350,9 @@ def update_policy(engine, batch: grpo.Batch, args: Args, world_size: int, device
             (denominator,) = global_sum([local], device)  # collective
             micro_batches = grpo.split_micro_batches(mini, _n_micro(mini, args))
             for mb in micro_batches:
-                mb = grpo.trim_padding(mb)  # drop completion columns that are padding in every row of this slice
+                mb = grpo_fast.trim_padding(mb)  # drop completion columns that are padding in every row of this slice
                 logps, entropy = grpo.per_token_logps(
-                    engine, mb, args.temperature, return_entropy=True, share_prompt=scores_with_shared_prompt(args)
+                    engine, mb, args.temperature, return_entropy=True, forward=scoring_forward(args)
                 )  # (b, T)
                 # on-policy (mu = 1, one mini-batch): the sampling policy is this very policy, so old = current
                 old = mb.old_per_token_logps if mb.old_per_token_logps is not None else logps.detach()
@@ -550,10 +551,11 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
             batch = grpo.sample_group(
                 gen_model, processor, prompt, args.group_size, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=args.top_p, eos_token_ids=eos_ids,
-                suppress_token_ids=vision_ids, share_prompt=args.share_prompt, **gen_kwargs,
+                suppress_token_ids=vision_ids, prefill=grpo_fast.shared_prompt_inputs if args.share_prompt else None,
+                **gen_kwargs,
             )  # fmt: skip
         # sort each group's rows by length, so micro-batches carry little padding (groups stay together)
-        batch = grpo.select(batch, grpo.rows_by_length(batch.completion_mask, args.group_size))
+        batch = grpo.select(batch, grpo_fast.rows_by_length(batch.completion_mask, args.group_size))
         engine.train()
         timings["generate"] = time.perf_counter() - t
 

@@ -1,11 +1,14 @@
 """Generation's per-token log-probs vs grpo.per_token_logps at full size (random weights): the GPU form of the check
 tests/test_grpo_models.py makes on the tiny models. A script, not collected by pytest (it needs a GPU for 7B).
 
-    python tests/gpu_logp_check.py [qwen2_5_vl_7b|tiny] [OUT.json] [--fp32]
+    python tests/gpu_logp_check.py [qwen2_5_vl_7b|tiny] [OUT.json] [--fp32] [--instruct-defaults]
 
 Two left-padded prompts with images of two sizes, G = 4 samples of 32 tokens each; it prints max/mean |diff| of
 scoring vs generation, shared-prompt scoring, and scoring without mm_token_type_ids (the Qwen2.5-VL trap), in the
 model's dtype (bf16 on a GPU) and, with --fp32, again in float32. The README's full-size figures come from it.
+--instruct-defaults writes Qwen2.5-VL-7B-Instruct's published sampling defaults (repetition_penalty 1.05, top_k 1,
+top_p 0.001, temperature 0.1) into the model's generation_config first: grpo.generate must keep every one of them out
+of the samples, so the differences must stay what they are without them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import agents  # noqa: E402
 import bench  # noqa: E402
 import data  # noqa: E402
 import grpo  # noqa: E402
+import grpo_fast  # noqa: E402
 import policy  # noqa: E402
 
 
@@ -31,6 +35,10 @@ def stats(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict:
     d = (a - b)[mask].abs().float()
     return {"max": float(d.max()), "mean": float(d.mean()), "frac_gt_0.01": float((d > 0.01).float().mean()),
             "frac_gt_0.1": float((d > 0.1).float().mean())}  # fmt: skip
+
+
+# Qwen/Qwen2.5-VL-7B-Instruct's generation_config.json, its sampling fields
+INSTRUCT_DEFAULTS = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}
 
 
 def check(model, processor, prompts, label: str, G: int, T: int) -> dict:
@@ -47,7 +55,7 @@ def check(model, processor, prompts, label: str, G: int, T: int) -> dict:
     old = batch.old_per_token_logps
     with torch.no_grad():
         good = grpo.per_token_logps(model, batch)
-        shared = grpo.per_token_logps(model, batch, share_prompt=True)
+        shared = grpo.per_token_logps(model, batch, forward=grpo_fast.shared_prompt_logits)
         stripped = grpo.Batch(
             prompt={k: v for k, v in batch.prompt.items() if k != "mm_token_type_ids"},
             completion_ids=batch.completion_ids, completion_mask=batch.completion_mask,
@@ -96,6 +104,10 @@ def main() -> None:
     print(f"prompts {tuple(prompts['input_ids'].shape)}, lengths {am.sum(1).tolist()}, image tokens "
           f"{prompts['mm_token_type_ids'].sum(1).tolist()}, grid {prompts['image_grid_thw'].tolist()}")  # fmt: skip
     assert am.min() == 0, "the batch is not padded"
+    if "--instruct-defaults" in sys.argv:
+        for key, value in INSTRUCT_DEFAULTS.items():
+            setattr(model.generation_config, key, value)
+        print(f"generation_config carries {INSTRUCT_DEFAULTS}")
     results = [check(model, processor, prompts, f"{label} {dtype}", G=4, T=32)]
     if "--fp32" in sys.argv:
         model.float()

@@ -44,8 +44,8 @@ def main() -> None:
     real_logps, real_loss = grpo.per_token_logps, grpo.grpo_loss
 
     def per_token_logps(model, batch, *args, **kwargs):
-        record({"call": "logps", "share_prompt": bool(kwargs.get("share_prompt", False)),
-                "grad": torch.is_grad_enabled(), "rows": len(batch)})  # fmt: skip
+        forward = kwargs.get("forward") or grpo.full_sequence_logits  # which path scores
+        record({"call": "logps", "forward": forward.__name__, "grad": torch.is_grad_enabled(), "rows": len(batch)})
         return real_logps(model, batch, *args, **kwargs)
 
     def grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, **kwargs):

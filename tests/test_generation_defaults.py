@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import grpo
+import grpo_fast
 import policy
 
 # Qwen/Qwen2.5-VL-7B-Instruct's generation_config.json, sampling fields as published (token ids are the tiny model's)
@@ -55,10 +56,12 @@ def test_sampling_ignores_the_checkpoints_defaults(checkpoint_with_defaults, mak
     torch.manual_seed(0)
     batch = grpo.sample_group(
         model, processor, prompts, 4, max_new_tokens=24, eos_token_ids=policy.eos_token_ids(processor),
-        suppress_token_ids=policy.vision_token_ids(processor), return_sampling_logps=True, share_prompt=share_prompt,
+        suppress_token_ids=policy.vision_token_ids(processor), return_sampling_logps=True,
+        prefill=grpo_fast.shared_prompt_inputs if share_prompt else None,
     )  # fmt: skip
     mask = batch.completion_mask.bool()
-    scored = grpo.per_token_logps(model, batch, 1.0, share_prompt=share_prompt)  # (B, T)
+    forward = grpo_fast.shared_prompt_logits if share_prompt else None
+    scored = grpo.per_token_logps(model, batch, 1.0, forward=forward)  # (B, T)
     err = float((scored.detach() - batch.old_per_token_logps)[mask].abs().max())
     assert err < 1e-5, f"sampled and scored log-probs differ by {err:.3g} nats: checkpoint defaults leaked"
     # with temperature 0.1 and top_k 1 inherited, the G samples of a prompt would all be the same
@@ -83,7 +86,7 @@ def _greedy_by_hand(model, prompt: dict, steps: int, eos: list[int]) -> list[int
     for _ in range(steps):
         batch = grpo.Batch(prompt=prompt, completion_ids=torch.tensor([out], dtype=torch.long).view(1, -1),
                            completion_mask=torch.ones(1, len(out), dtype=torch.long))  # fmt: skip
-        logits = grpo._full_sequence_logits(model, batch)[:, -1]  # (1, V) the logits that predict the next token
+        logits = grpo.full_sequence_logits(model, batch)[:, -1]  # (1, V) the logits that predict the next token
         out.append(int(logits.argmax(-1)))
         if out[-1] in eos:
             break

@@ -251,7 +251,7 @@ class _FakeVLModel(torch.nn.Module):
         )
 
     def logps(self, batch: grpo.Batch):
-        offsets = grpo._patch_offsets(batch.prompt["image_grid_thw"])
+        offsets = grpo.patch_offsets(batch.prompt["image_grid_thw"])
         img = torch.stack([batch.prompt["pixel_values"][a:b].mean(0) for a, b in zip(offsets[:-1], offsets[1:])])
         h = self.emb[batch.completion_ids] + img.unsqueeze(1)  # (B, T, D)
         return (h @ self.out).log_softmax(-1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
@@ -299,10 +299,10 @@ def test_micro_batch_gradients_sum_to_the_full_batch_gradient(aggregation):
 
 def test_select_rows_moves_each_image_block_with_its_row():
     batch = _fake_vl_batch()
-    offsets = grpo._patch_offsets(batch.prompt["image_grid_thw"])
+    offsets = grpo.patch_offsets(batch.prompt["image_grid_thw"])
     rows = torch.tensor([5, 0, 5, 2])
     sub = grpo.select_rows(batch.prompt, rows)
-    sub_offsets = grpo._patch_offsets(sub["image_grid_thw"])
+    sub_offsets = grpo.patch_offsets(sub["image_grid_thw"])
     for j, r in enumerate(rows.tolist()):
         mine = sub["pixel_values"][sub_offsets[j] : sub_offsets[j + 1]]
         assert torch.equal(mine, batch.prompt["pixel_values"][offsets[r] : offsets[r + 1]])

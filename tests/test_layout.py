@@ -36,6 +36,8 @@ def test_leaves_import_nothing_of_ours_and_only_what_they_may():
     assert {n.split(".")[0] for n in imports(MODULES["grpo"])} <= stdlib | {"__future__", "torch"}
     for leaf in ("rewards", "grpo", "cli", "benchmarks", "editors"):
         assert ours(MODULES[leaf]) == set(), leaf
+    # grpo's speed-ups sit on the plain path and nothing else: torch and grpo's batch layout
+    assert {n.split(".")[0] for n in imports(MODULES["grpo_fast"])} <= stdlib | {"__future__", "torch", "grpo"}
 
 
 def test_nothing_imports_an_entry_script():

@@ -16,6 +16,7 @@ import torch
 
 import bench
 import grpo
+import grpo_fast
 import policy
 import tiny
 
@@ -41,8 +42,13 @@ def _sample(model, processor, prompts, group_size, share_prompt, seed=0, max_new
     return grpo.sample_group(
         model, processor, prompts, group_size, max_new_tokens=max_new_tokens,
         eos_token_ids=policy.eos_token_ids(processor), suppress_token_ids=policy.vision_token_ids(processor),
-        return_sampling_logps=True, share_prompt=share_prompt,
+        return_sampling_logps=True, prefill=grpo_fast.shared_prompt_inputs if share_prompt else None,
     )  # fmt: skip
+
+
+def forward(share: bool):
+    """grpo.per_token_logps's forward: the shared-prompt path or the plain one."""
+    return grpo_fast.shared_prompt_logits if share else grpo.full_sequence_logits
 
 
 def _masked_max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -75,7 +81,9 @@ def test_shared_prompt_logps_equal_the_plain_path(tiny_policy, make_image):
     for rows in (torch.arange(len(batch)), torch.arange(1, 6)):
         mb = grpo.select(batch, rows)
         plain, plain_entropy = grpo.per_token_logps(model, mb, return_entropy=True)
-        shared, shared_entropy = grpo.per_token_logps(model, mb, return_entropy=True, share_prompt=True)
+        shared, shared_entropy = grpo.per_token_logps(
+            model, mb, return_entropy=True, forward=grpo_fast.shared_prompt_logits
+        )
         assert _masked_max_diff(plain, shared, mb.completion_mask) < TOL
         assert plain_entropy.isfinite().all()  # suppressed tokens (p = 0, logp = -inf) add 0, not nan
         assert _masked_max_diff(plain_entropy, shared_entropy, mb.completion_mask) < TOL
@@ -90,7 +98,7 @@ def test_shared_prompt_gradients_equal_the_plain_path(tiny_qwen25, make_image):
     grads = []
     for share in (False, True):
         model.zero_grad()
-        logps = grpo.per_token_logps(model, batch, share_prompt=share)  # (B, T)
+        logps = grpo.per_token_logps(model, batch, forward=forward(share))  # (B, T)
         (logps * weights * batch.completion_mask).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and any("visual" in n for n in grads[0])  # the image tower learns too
@@ -105,9 +113,9 @@ def test_shared_prompt_refuses_gradient_checkpointing(tiny_qwen25, make_image):
     model.activation_checkpointing_enable()
     model.train()
     with pytest.raises(ValueError, match="gradient checkpointing"):
-        grpo.per_token_logps(model, batch, share_prompt=True)
+        grpo.per_token_logps(model, batch, forward=grpo_fast.shared_prompt_logits)
     with torch.no_grad():  # without gradients nothing is checkpointed, and the cache is kept
-        shared = grpo.per_token_logps(model, batch, share_prompt=True)
+        shared = grpo.per_token_logps(model, batch, forward=grpo_fast.shared_prompt_logits)
     assert _masked_max_diff(shared, batch.old_per_token_logps, batch.completion_mask) < TOL
 
 
@@ -122,7 +130,7 @@ def test_shared_prompt_runs_each_prompt_once(tiny_qwen25, make_image):
         counter.phase = "plain"
         grpo.per_token_logps(model, batch)
         counter.phase = "shared"
-        grpo.per_token_logps(model, batch, share_prompt=True)
+        grpo.per_token_logps(model, batch, forward=grpo_fast.shared_prompt_logits)
     assert counter.counts["plain"]["lm_tokens"] == B * (P + T)
     assert counter.counts["plain"]["patches"] == int(patches.sum())
     n = 3  # prompts: P - 1 tokens and one image each, then every row's last prompt token and completion
@@ -138,7 +146,7 @@ def test_prompt_groups_compare_tokens_and_pixels():
     pixels = torch.zeros(20, 3)  # (20, 3)
     pixels[16:] = 1.0  # the last row has the same text as rows 2-3 but another image
     prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_grid_thw": grid, "pixel_values": pixels}
-    first, run = grpo.prompt_groups(prompt)
+    first, run = grpo_fast.prompt_groups(prompt)
     assert first.tolist() == [0, 2, 4] and run.tolist() == [0, 0, 1, 1, 2]
 
 
@@ -151,7 +159,7 @@ def test_trim_padding_keeps_every_unmasked_logp(tiny_policy, make_image):
     lengths = torch.tensor([3, 7, 12, 5, 2, 6])  # (B,) as if rows had stopped at EOS after these many tokens
     batch.completion_mask = (torch.arange(12).unsqueeze(0) < lengths.unsqueeze(1)).long()  # (B, T)
     mb = grpo.select(batch, torch.tensor([4, 5]))  # the shortest prompt's group: left padding in both rows
-    trimmed = grpo.trim_padding(mb)
+    trimmed = grpo_fast.trim_padding(mb)
     assert (
         trimmed.prompt["input_ids"].shape[1]
         == int(mb.prompt["attention_mask"][0].sum())
@@ -161,14 +169,14 @@ def test_trim_padding_keeps_every_unmasked_logp(tiny_policy, make_image):
     assert trimmed.prompt["pixel_values"] is mb.prompt["pixel_values"]  # images are not columns
     full = grpo.per_token_logps(model, mb)[:, :6]  # (2, 6)
     for share in (False, True):
-        short = grpo.per_token_logps(model, trimmed, share_prompt=share)  # (2, 6)
+        short = grpo.per_token_logps(model, trimmed, forward=forward(share))  # (2, 6)
         assert _masked_max_diff(short, full, trimmed.completion_mask) < TOL
 
 
 def test_rows_by_length_sorts_within_groups_only():
     lengths = torch.tensor([5, 1, 3, 3, 8, 2, 2, 7, 6])  # (9,) three groups of three
     mask = (torch.arange(8).unsqueeze(0) < lengths.unsqueeze(1)).long()  # (9, 8)
-    rows = grpo.rows_by_length(mask, 3)
+    rows = grpo_fast.rows_by_length(mask, 3)
     assert rows.tolist() == [1, 2, 0, 5, 3, 4, 6, 8, 7]
     sorted_lengths = lengths[rows].view(3, 3)
     assert (sorted_lengths.diff(dim=1) >= 0).all()  # shortest first within each group, groups kept whole

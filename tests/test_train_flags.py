@@ -157,8 +157,8 @@ def test_mini_batches_bf16_and_beta_zero(tiny_qwen25, tmp_path):
 def test_gradient_checkpointing_scores_every_pass_on_one_path_with_the_same_gradient(plain_run, tiny_qwen25, tmp_path):
     _, _, plain_evts = plain_run
     _, evts = probe(tiny_qwen25, tmp_path / "gc", "--max-steps", "1", "--mu", "2", "--gradient-checkpointing")
-    paths = {e["share_prompt"] for e in of(evts, "logps")}
-    assert paths == {False}, "old, reference and current log-probs must come from the same code path"
+    paths = {e["forward"] for e in of(evts, "logps")}
+    assert paths == {"full_sequence_logits"}, "old, reference and current log-probs must come from the same path"
     first = of(evts, "loss")[0]["metrics"]
     assert first["ratio_max"] == 1.0 and first["ratio_mean"] == 1.0  # identical computations at identical weights
     # checkpointing recomputes activations; the gradient is the one the plain run computes
