@@ -26,6 +26,8 @@ Departures from DeepSeekMath's GRPO, all switchable or documented:
        nothing to the surrogate: its only gradient is the KL term.
     5. Log-probs use logits divided by the sampling temperature, so the ratio is taken between the same distributions
        that generated the samples.
+    6. `importance="sequence"` replaces rho_it by GSPO's sequence ratio (arXiv 2507.18071), the geometric mean of a
+       sequence's token ratios, clipped per sequence. The default "token" is GRPO's.
 
 Shapes: N prompts, G rollouts per prompt, B = N * G sequences, P prompt tokens, T completion tokens, V vocabulary.
 This module imports torch only; the model, processor and rewards are handed in by the caller.
@@ -45,6 +47,7 @@ import torch
 
 Aggregation = Literal["sequence", "token", "constant"]
 AdvantageScale = Literal["group", "none"]
+ImportanceLevel = Literal["token", "sequence"]
 
 ADV_EPS = 1e-4  # added to the group std; small against F1 reward spreads (>= 1/G) and keeps 1-outlier groups finite
 EQUAL_TOL = 1e-6  # rewards closer than this (in float64) count as equal: 1/3 in float32 is not exact
@@ -110,6 +113,21 @@ def loss_denominator(completion_mask: torch.Tensor, aggregation: Aggregation, ma
     raise ValueError(f"aggregation must be 'sequence', 'token' or 'constant', got {aggregation!r}")
 
 
+def importance_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, level: ImportanceLevel = "token") -> torch.Tensor:
+    """The importance ratio of every token, (B, T) -> (B, T), from its log-ratio log(pi_theta / pi_old).
+
+    "token" (GRPO): rho_it = exp(log_ratio_it), each token clipped on its own.
+    "sequence" (GSPO, Zheng et al. 2025, eq. 7): s_i = (pi_theta(o_i | q) / pi_old(o_i | q)) ** (1 / |o_i|)
+    = exp(mean_t log_ratio_it), the same for every token of o_i, so a whole sequence is clipped or not.
+    """
+    if level == "token":
+        return torch.exp(log_ratio)  # (B, T)
+    if level == "sequence":
+        mean = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+        return torch.exp(mean).expand_as(log_ratio)  # (B, T)
+    raise ValueError(f"importance must be 'token' or 'sequence', got {level!r}")
+
+
 def grpo_loss(
     per_token_logps: torch.Tensor,
     old_per_token_logps: torch.Tensor,
@@ -123,19 +141,21 @@ def grpo_loss(
     aggregation: Aggregation = "sequence",
     max_completion_length: int | None = None,
     denominator: float | None = None,
+    importance: ImportanceLevel = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss (to minimise) of a batch or micro-batch, and metrics of this slice.
 
     `denominator` defaults to this batch's own `loss_denominator`; pass the whole batch's when this is a slice.
     `ref_per_token_logps` may be None when beta == 0 (no reference model is needed then); the "kl" metric is then
     absent. With reference log-probs and beta == 0 the KL is measured and logged but not optimised.
+    `importance` picks the ratio (`importance_ratio`): GRPO's per token, or GSPO's per sequence.
     """
     mask = completion_mask.to(per_token_logps.dtype)  # (B, T)
     adv = advantages.unsqueeze(1)  # (B, 1) one advantage for every token of a sequence
     # rho_it = pi_theta / pi_old, in log space for stability (DeepSeekMath eq. 3); masked positions get log-ratio 0
     # before the exp, since exp of junk log-probs there can overflow and inf * 0 is NaN
     log_ratio = torch.where(mask.bool(), per_token_logps - old_per_token_logps, torch.zeros_like(per_token_logps))
-    ratio = torch.exp(log_ratio)  # (B, T)
+    ratio = importance_ratio(log_ratio, mask, importance)  # (B, T)
     clipped_ratio = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)  # (B, T)
     # min(rho A, clip(rho) A): the pessimistic bound of PPO (Schulman et al. 2017, eq. 7), per token
     surrogate = torch.min(ratio * adv, clipped_ratio * adv)  # (B, T)

@@ -84,6 +84,10 @@ class Args:
     beta: float = arg(0.01, "beta: weight of the k3 KL penalty to the reference policy; 0 drops the reference (ours)")
     aggregation: Literal["sequence", "token", "constant"] = arg("sequence", "loss aggregation (see grpo.py)")
     adv_scale: Literal["group", "none"] = arg("group", "divide advantages by the group std ('none': Dr. GRPO)")
+    importance: Literal["token", "sequence"] = arg("token", "importance ratio: per token (GRPO) or per sequence (GSPO, "
+                                                   "arXiv 2507.18071: the geometric mean of a sequence's token "
+                                                   "ratios, clipped per sequence; GSPO pairs it with --aggregation "
+                                                   "sequence and clip ranges near 3e-4 / 4e-4)")  # fmt: skip
     mu: int = arg(1, "mu: passes (epochs) over each step's rollouts (DeepSeekMath's mu; 1 = on-policy)")
     mini_batches: int = arg(1, "optimizer updates per pass: the step's rollouts are split into this many parts")
     micro_batch_size: int = arg(4, "sequences per forward/backward on one rank (gradient accumulation covers the rest)")
@@ -360,6 +364,7 @@ def update_policy(engine, batch: grpo.Batch, args: Args, world_size: int, device
                     logps, old, mb.ref_per_token_logps, mb.advantages, mb.completion_mask,
                     clip_eps_low=args.clip_eps_low, clip_eps_high=args.clip_eps_high, beta=args.beta,
                     aggregation=args.aggregation, max_completion_length=args.max_new_tokens, denominator=denominator,
+                    importance=args.importance,
                 )  # fmt: skip
                 engine.backward(loss * len(micro_batches) * world_size)  # collective (gradient reduction)
                 engine.step()  # steps the optimizer only at the accumulation boundary

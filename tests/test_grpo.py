@@ -205,6 +205,55 @@ def test_k3_is_bounded_like_verls_low_variance_kl():
     assert float(small) == pytest.approx(math.exp(d) - d - 1, rel=1e-6)  # unchanged where nothing is extreme
 
 
+def _gspo_reference(lp, old, adv, mask, eps_low, eps_high):
+    """GSPO's objective written from the paper (arXiv 2507.18071, eq. 5 and 7), one sequence at a time in float64:
+    J = (1/B) sum_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i), s_i = prod_t (pi/pi_old)^(1/|o_i|)."""
+    total = 0.0
+    for i in range(lp.shape[0]):
+        n = int(mask[i].sum())
+        log_s = sum(lp[i, t] - old[i, t] for t in range(n)) / n  # mask is a prefix: the first n tokens
+        s = torch.exp(log_s)
+        total = total + torch.min(s * adv[i], torch.clamp(s, 1 - eps_low, 1 + eps_high) * adv[i])
+    return -total / lp.shape[0]
+
+
+def test_gspo_sequence_ratio_matches_the_paper_in_value_and_gradient():
+    g = torch.Generator().manual_seed(7)
+    B, T = 6, 5
+    lengths = torch.tensor([1, 5, 3, 2, 4, 5])
+    mask = (torch.arange(T).expand(B, T) < lengths.unsqueeze(1)).long()  # (B, T)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2  # (B, T)
+    lp = (old + 0.8 * torch.randn(B, T, generator=g, dtype=torch.float64)).requires_grad_(True)  # some clipped
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    loss, metrics = grpo.grpo_loss(lp, old, None, adv, mask, beta=0.0, aggregation="sequence", importance="sequence",
+                                   clip_eps_low=0.1, clip_eps_high=0.15)  # fmt: skip
+    want = _gspo_reference(lp, old, adv, mask, 0.1, 0.15)
+    (grad,) = torch.autograd.grad(loss, lp)
+    (want_grad,) = torch.autograd.grad(want, lp)
+    assert float(loss) == pytest.approx(float(want), abs=1e-12)
+    assert torch.allclose(grad, want_grad, atol=1e-12) and grad.abs().sum() > 0
+    assert (grad[mask == 0] == 0).all()
+    assert 0 < metrics["clip_frac_low"] + metrics["clip_frac_high"] < 1  # the draw clips some sequences, not all
+    # a clipped sequence is clipped as a whole: all of its tokens get no gradient
+    s = torch.exp(((lp - old) * mask).sum(1) / lengths).detach()
+    for i in range(B):
+        clipped = (s[i] > 1.15 and adv[i] > 0) or (s[i] < 0.9 and adv[i] < 0)
+        assert bool((grad[i, : lengths[i]] == 0).all()) == bool(clipped), i
+
+
+def test_gspo_equals_grpo_for_one_token_sequences():
+    g = torch.Generator().manual_seed(8)
+    old = -torch.rand(4, 3, generator=g, dtype=torch.float64)
+    lp = old + 0.2 * torch.randn(4, 3, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 0]] * 4)
+    adv = torch.randn(4, generator=g, dtype=torch.float64)
+    token, _ = grpo.grpo_loss(lp, old, None, adv, mask, beta=0.0, importance="token")
+    sequence, _ = grpo.grpo_loss(lp, old, None, adv, mask, beta=0.0, importance="sequence")
+    assert float(token) == pytest.approx(float(sequence), abs=1e-15)
+    with pytest.raises(ValueError, match="importance"):
+        grpo.grpo_loss(lp, old, None, adv, mask, beta=0.0, importance="word")
+
+
 def test_loss_rejects_unknown_aggregation():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="aggregation"):

@@ -137,6 +137,15 @@ def test_mu_two_recomputes_old_logps_and_the_ratio_leaves_one(tiny_qwen25, tmp_p
     assert float((centred * moved_by).sum()) > 0, "the update made worse-than-average completions likelier"
 
 
+def test_importance_sequence_clips_gspo_ratios(tiny_qwen25, tmp_path):
+    _, evts = probe(tiny_qwen25, tmp_path / "gspo", "--max-steps", "1", "--mu", "2", "--importance", "sequence",
+                    "--aggregation", "sequence")  # fmt: skip
+    second_pass = of(evts, "loss")[2:]
+    for e in second_pass:  # one ratio per sequence: the largest is exp of the largest mean log-ratio of a row
+        assert e["metrics"]["ratio_max"] == pytest.approx(math.exp(max(e["row_log_ratio"])), rel=1e-5)
+    assert max(e["metrics"]["ratio_max"] for e in second_pass) > 1.0 + 1e-3
+
+
 def test_mini_batches_bf16_and_beta_zero(tiny_qwen25, tmp_path):
     # 2 x G = 8 rollouts, 2 mini-batches of 4: two optimizer updates; the first is on-policy, the second is not.
     # In bf16, both mini-batches' old and current log-probs come from one path, so the first ratio is exactly 1.
