@@ -110,6 +110,9 @@ class Args:
     save_every: int = arg(50, "save a resumable checkpoint and export the policy every this many steps; 0: end only")
     keep_checkpoints: int = arg(2, "resumable checkpoints kept on disk (older ones are deleted)")
     samples_every: int = arg(10, "write a few sampled decompositions to samples.jsonl every this many steps")
+    report_to: Literal["none", "tensorboard"] = arg("none", "also log every metric of metrics.jsonl, same names, to "
+                                                    "this local tracker (tensorboard: OUTPUT_DIR/tensorboard; "
+                                                    "`tensorboard --logdir` it); no account or network")  # fmt: skip
     resume: bool = arg(False, "continue from the last checkpoint in --output-dir")
     seed: int = arg(0, "seed of the data order, sampling and initialisation")
     # hardware
@@ -464,6 +467,27 @@ def save_checkpoint(engine, processor, step: int, args: Args, rank: int) -> None
             shutil.rmtree(old, ignore_errors=True)
 
 
+def open_reporter(args: Args, out_dir: Path, start_step: int):
+    """Experiment logging beside metrics.jsonl (rank 0 only): returns (report(record), close()).
+
+    TensorBoard gets every numeric metric under its metrics.jsonl name at its step; `purge_step` drops the events a
+    killed run wrote after the checkpoint it resumes from, as `truncate_jsonl` does for the JSONL files.
+    """
+    if args.report_to == "none":
+        return (lambda record: None), (lambda: None)
+    from torch.utils.tensorboard import SummaryWriter  # imported late: only this option needs tensorboard
+
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def report(record: dict) -> None:
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                writer.add_scalar(name, value, record["step"])
+        writer.flush()
+
+    return report, writer.close
+
+
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop lines logged after the checkpoint we resume from, so a resumed run never duplicates a step."""
     if path.exists():
@@ -538,6 +562,7 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
     eos_ids = policy.eos_token_ids(processor)
     vision_ids = policy.vision_token_ids(processor)  # never sampled: an image token in a completion breaks scoring
     progress = None
+    report, close_reporter = open_reporter(args, out_dir, start_step) if rank == 0 else (None, None)
     if rank == 0:
         from tqdm import tqdm
 
@@ -602,6 +627,7 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
         if rank == 0:
             with (out_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            report(record)
             if args.samples_every and (step + 1) % args.samples_every == 0:
                 with (out_dir / "samples.jsonl").open("a") as f:
                     for e, j in ((e, i * args.group_size) for i, e in enumerate(examples[:2])):
@@ -618,6 +644,7 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
     export_policy(engine, processor, out_dir / "policy", args, rank)
     if progress is not None:
         progress.close()
+        close_reporter()
     print0(f"exported the trained policy to {out_dir / 'policy'}")
     torch.distributed.destroy_process_group()
 

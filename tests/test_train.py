@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 import data
 import policy
+from test_train_flags import tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "data" / "example" / "train.jsonl"
@@ -130,7 +132,7 @@ def test_resumed_two_rank_run_matches_uninterrupted_run(tiny_qwen25, tmp_path):
     # two ranks, the LetterTask (rewards differ within groups, so every step has a real policy gradient), no weight
     # decay: a no-op update would leave the weights where they started, and the first check below catches it
     common = ["--eval-every", "0", "--save-every", "2", "--beta", "0.05", "--weight-decay", "0", "--letter-task",
-              "--max-new-tokens", "12"]  # fmt: skip
+              "--max-new-tokens", "12", "--report-to", "tensorboard"]  # fmt: skip
 
     def letter_run(out: Path, *extra: str) -> subprocess.CompletedProcess:
         args = ["tests/probe_train.py", "--gpus", "2", "--model", str(tiny_qwen25), "--train-data", str(EXAMPLE),
@@ -142,8 +144,12 @@ def test_resumed_two_rank_run_matches_uninterrupted_run(tiny_qwen25, tmp_path):
 
     full, part = tmp_path / "full", tmp_path / "part"
     letter_run(full, "--max-steps", "4")
-    letter_run(part, "--max-steps", "2")  # stands in for a run killed after its step-2 checkpoint
-    (part / "metrics.jsonl").open("a").write(json.dumps({"step": 3, "junk": True}) + "\n")  # a step lost in the kill
+    # a run killed after logging step 3 but before its step-3 checkpoint was complete: run 3 steps, then point
+    # DeepSpeed's `latest` back at step 2 and drop step 3's checkpoint
+    letter_run(part, "--max-steps", "3")
+    (part / "checkpoints" / "latest").write_text("step_2")
+    shutil.rmtree(part / "checkpoints" / "step_3")
+    assert [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     proc = letter_run(part, "--max-steps", "4", "--resume")
     assert "resumed from step 2" in proc.stdout
     assert max_diff(weights(full / "policy"), weights(tiny_qwen25)) > 1e-4, "the run never moved the weights"
@@ -154,6 +160,10 @@ def test_resumed_two_rank_run_matches_uninterrupted_run(tiny_qwen25, tmp_path):
     assert all(r["grad_norm"] > 1e-3 for r in full_records)
     for name in ("reward_mean", "kl", "grad_norm", "entropy"):
         assert [r[name] for r in part_records] == pytest.approx([r[name] for r in full_records], rel=1e-5), name
+    # the resumed run's TensorBoard log: the killed run's step 3 purged and redone, each step once, the same values
+    logged = tensorboard_scalars(part / "tensorboard")["reward_mean"]
+    assert sorted(logged) == [1, 2, 3, 4]
+    assert [logged[s] for s in (1, 2, 3, 4)] == pytest.approx([r["reward_mean"] for r in full_records], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------- errors

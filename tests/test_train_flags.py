@@ -53,6 +53,20 @@ def of(evts: list[dict], call: str) -> list[dict]:
     return [e for e in evts if e["call"] == call]
 
 
+def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in a TensorBoard log folder, read back with TensorBoard's own reader: name -> {step: value}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    out: dict[str, dict[int, float]] = {}
+    for name in events.Tags()["scalars"]:
+        steps = [e.step for e in events.Scalars(name)]
+        assert len(steps) == len(set(steps)), f"{name}: a step logged twice {steps}"
+        out[name] = {e.step: e.value for e in events.Scalars(name)}
+    return out
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
@@ -206,13 +220,20 @@ def test_ref_model_and_keep_checkpoints(plain_run, tiny_qwen25, tmp_path):
     other = tiny.save_tiny_policy(tmp_path / "other_ref", "qwen2_5_vl", seed=1)
     out = tmp_path / "ref"
     metrics, _ = probe(tiny_qwen25, out, "--max-steps", "3", "--ref-model", str(other), "--save-every", "1",
-                       "--keep-checkpoints", "1", "--max-new-tokens", "8")  # fmt: skip
+                       "--keep-checkpoints", "1", "--max-new-tokens", "8", "--report-to", "tensorboard")  # fmt: skip
     _, [plain], _ = plain_run
     # the KL is measured against --ref-model: at step 1 the policy is --model, exactly 0 from itself, not from this
     assert plain["kl"] < 1e-6 and metrics[0]["kl"] > 1e-3
     tags = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert tags == ["step_3"]  # --keep-checkpoints 1: older resumable checkpoints are deleted
     assert sorted(p.name for p in (out / "exports").iterdir()) == ["step_1", "step_2", "step_3"]  # exports stay
+    # --report-to tensorboard: every metric of metrics.jsonl, under the same name, at the same step
+    logged = tensorboard_scalars(out / "tensorboard")
+    for record in metrics:
+        for name, value in record.items():
+            if name != "step":
+                assert logged[name][record["step"]] == pytest.approx(value, rel=1e-6), name
+    assert set(logged) == {k for r in metrics for k in r} - {"step"}
 
 
 def test_no_use_goal_reaches_the_reward():
