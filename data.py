@@ -63,7 +63,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from openai.types.chat import ChatCompletion
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -219,7 +218,9 @@ LABEL_RESPONSE_FORMAT = {
 # ---------------------------------------------------------------------------------------------------------------------
 # Validating a reply
 
-REJECT_API = "api failure"  # no reply after the client's retries (HTTP error, timeout, connection): retried next run
+# No answer after the client's retries (HTTP error, timeout, connection), or 200 replies that were not chat
+# completions (an HTML page from a proxy): not the model's answer, so the next run asks again.
+REJECT_API = "api failure"
 REJECT_REFUSAL = "refusal"  # the model refused (the `refusal` field of a structured-output reply)
 REJECT_EMPTY_REPLY = "empty reply"  # a reply with no text
 REJECT_MALFORMED = "malformed json"  # text that is not {"actions": [str], "subjects": [str], "goals": [str]}
@@ -235,9 +236,14 @@ REJECT_REASONS = (
     REJECT_EXAMPLE,
     REJECT_DUPLICATE,
 )
-_ASK_AGAIN = (REJECT_EMPTY_REPLY, REJECT_MALFORMED)  # worth another request; a refusal or "not an edit" is an answer
-
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)  # local models like ```json fences
+# Worth another request at once; a refusal or "not an edit" is an answer. (A failed request is not asked again here:
+# the client has retried it already.)
+_ASK_AGAIN = (REJECT_EMPTY_REPLY, REJECT_MALFORMED, REJECT_API)
+REPLY_REJECTS = {  # judge.ReplyError's kind -> the reject it is
+    judge.REPLY_NOT_A_COMPLETION: REJECT_API,
+    judge.REPLY_REFUSAL: REJECT_REFUSAL,
+    judge.REPLY_NO_TEXT: REJECT_EMPTY_REPLY,
+}
 
 
 class LabelError(ValueError):
@@ -254,12 +260,10 @@ def _snippet(text: str, limit: int = 200) -> str:
 
 def parse_label(text: str) -> rewards.Decomposition:
     """A teacher's JSON reply -> the normalised gold decomposition, or LabelError with its reason."""
-    stripped = text.strip()
-    if not stripped:
+    if not text.strip():
         raise LabelError(REJECT_EMPTY_REPLY, "the reply is empty")
-    fenced = _FENCE.match(stripped)
     try:
-        data = json.loads(fenced.group(1) if fenced else stripped)
+        data = json.loads(judge.json_text(text))  # bare, or fenced after some prose (local models like fences)
     except json.JSONDecodeError as e:
         raise LabelError(REJECT_MALFORMED, f"not JSON ({e.msg} at column {e.colno}): {_snippet(text)}") from None
     except RecursionError:  # "[[[[..." deeper than the decoder allows
@@ -320,28 +324,17 @@ class OpenAITeacher(judge.ChatEndpoint):
         attempts = 1 + self.parse_retries
         for _ in range(attempts):
             try:
-                response = self.create(messages, LABEL_RESPONSE_FORMAT)
-            except judge.ChatError as e:  # the client's retries are spent; the text is already redacted
+                reply = self.complete(messages, LABEL_RESPONSE_FORMAT)  # its text and errors are already redacted
+                return TeacherReply(parse_label(reply.text), reply.input_tokens, reply.output_tokens)
+            except judge.ChatError as e:  # the client's retries are spent
                 raise LabelError(REJECT_API, str(e)) from None
-            usage = response.usage
-            try:
-                gold = parse_label(self._reply_text(response))
-            except LabelError as e:
-                if e.reason not in _ASK_AGAIN:
-                    raise
+            except judge.ReplyError as e:  # a 200 reply with no usable text
+                last = LabelError(REPLY_REJECTS[e.kind], str(e))
+            except LabelError as e:  # text that is no label
                 last = e
-                continue
-            return TeacherReply(gold, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
-        raise LabelError(last.reason, self.redact(f"{last.detail} ({attempts} replies, none usable)"))
-
-    @staticmethod
-    def _reply_text(response: ChatCompletion) -> str:
-        if not response.choices:
-            raise LabelError(REJECT_EMPTY_REPLY, "the reply has no choices")
-        message = response.choices[0].message
-        if getattr(message, "refusal", None):
-            raise LabelError(REJECT_REFUSAL, _snippet(message.refusal))
-        return message.content or ""
+            if last.reason not in _ASK_AGAIN:
+                raise last
+        raise LabelError(last.reason, f"{last.detail} ({attempts} replies, none usable)")
 
 
 class LocalTeacher:

@@ -526,11 +526,11 @@ class OpenAICritic(judging.ChatEndpoint):
 
     def _critique(self, sample: agents.CritiqueSample) -> str | agents.CriticFailure:
         try:
-            return judging.reply_text(self.create(critic_messages(sample)))
-        except judging.ChatError as err:  # an API failure after the client's retries; its text is already redacted
+            return self.complete(critic_messages(sample)).text  # the text and the errors are already redacted
+        except judging.ChatError as err:  # an API failure after the client's retries
             return agents.CriticFailure(str(err))
-        except judging.JudgeError as err:  # a 200 reply with no text or a refusal
-            return agents.CriticFailure(self.redact(f"{self.name}: {err}"))
+        except judging.ReplyError as err:  # a 200 reply with no usable text: an HTML page, a refusal, no text
+            return agents.CriticFailure(f"{self.name}: {err}")
 
 
 SHAPES_REFINED_PREFIX = "shapes+"  # "shapes+local:PATH": the shapes rubric's score, a local model's instruction
