@@ -1,7 +1,7 @@
 """Every OpenAI-compatible caller against every fault of tests/fake_openai.py's catalogue (`FAULTS`).
 
-The callers: the judge (`judge.OpenAIJudge`), the critic (`evaluate.OpenAICritic`) and the labelling teacher
-(`data.OpenAITeacher`). Each fault is tried twice per caller:
+The callers: the judge (`judge.OpenAIJudge`), the critic (`evaluate.OpenAICritic`), the labelling teacher
+(`data.OpenAITeacher`) and the GPT-Image editor (`editors.GPTImageEditor`). Each fault is tried twice per caller:
 once (the next request is healthy) and always (every request of that sample gets it). The contract: each sample ends
 as an answer (a verdict, a critique, a label, an image), possibly after a retry, or as the caller's typed, recorded
 failure (`JudgeFailure`, `CriticFailure`, `LabelError`, `EditError`), never as another exception that would take its
@@ -13,6 +13,7 @@ Clients get max_retries=1 and a 0.5 s timeout, so each transport fault costs at 
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 from collections import Counter
@@ -22,6 +23,8 @@ from fake_openai import (
     ANSWERING_FAULTS,
     FATAL_KEY_ECHO,
     FAULTS,
+    HTML_PAGE,
+    HUNG_SECONDS,
     FakeOpenAIServer,
     RecordedRequest,
     Reply,
@@ -32,8 +35,10 @@ from PIL import Image
 
 import agents
 import data
+import editors
 import evaluate
 import judge
+from benchmarks import EditExample
 from judge import JudgeFailure, Verdict
 
 KEY_ENV = "FAULT_TEST_KEY"
@@ -249,6 +254,103 @@ def test_teacher_mixed_batch_labels_every_example_and_the_next_run_retries_the_a
     assert summary.remaining == 0
     TALLY["batches finished"] += 1
     TALLY["batch results"] += len(journal)
+
+
+# --- GPT-Image -------------------------------------------------------------------------------------------------------
+
+
+def image_reply(colour: tuple[int, int, int] = (0, 200, 0)) -> Reply:
+    b64 = base64.b64encode(editors.png_bytes(Image.new("RGB", (16, 16), colour))).decode()
+    return Reply(200, {"created": 0, "data": [{"b64_json": b64}]})
+
+
+IMAGE_FAULTS = {
+    "503 page": FAULTS["503 page"],
+    "429 without Retry-After": FAULTS["429 without Retry-After"],
+    "connection reset": FAULTS["connection reset"],
+    "half a body": lambda answer, request: Reply(200, image_reply().body, cut=True),
+    "hung reply": lambda answer, request: Reply(200, image_reply().body, delay=HUNG_SECONDS),
+    "HTML page": FAULTS["HTML page"],
+    "HTML labelled JSON": FAULTS["HTML labelled JSON"],
+    "empty body": FAULTS["empty body"],
+    "JSON array": FAULTS["JSON array"],
+    "error object with 200": FAULTS["error object with 200"],
+    "data null": lambda answer, request: Reply(200, {"created": 0, "data": None}),
+    "data not a list": lambda answer, request: Reply(200, {"created": 0, "data": "oops"}),
+    "b64 not base64": lambda answer, request: Reply(200, {"created": 0, "data": [{"b64_json": "%%%not base64"}]}),
+    "b64 not an image": lambda answer, request: Reply(
+        200, {"created": 0, "data": [{"b64_json": base64.b64encode(HTML_PAGE.encode()).decode()}]}
+    ),
+    "400 echoing the key": lambda answer, request: Reply(
+        400, {"error": {"message": f"Bad image from {request.headers['authorization']}", "code": None}}
+    ),
+}
+
+
+def image_behaviour(fault, times: int | None):
+    seen = itertools.count()
+    return lambda request: fault("", request) if times is None or next(seen) < times else image_reply()
+
+
+def gpt_image(server: FakeOpenAIServer) -> editors.GPTImageEditor:
+    options = editors.EditorOptions(base_url=server.base_url, api_key=SECRET, timeout_s=0.5, max_retries=1)
+    return editors.GPTImageEditor(options)
+
+
+@pytest.mark.parametrize(("name", "mode"), [(n, m) for n in IMAGE_FAULTS for m in MODES])
+def test_gpt_image_turns_each_fault_into_an_image_or_an_edit_error(name, mode, make_image) -> None:
+    TALLY["tried"] += 1
+    server = FakeOpenAIServer()
+    server.route("POST", "/v1/images/edits", image_behaviour(IMAGE_FAULTS[name], MODES[mode]))
+    transport = name in {"503 page", "429 without Retry-After", "connection reset", "half a body", "hung reply"}
+    with server:
+        try:
+            outcome = gpt_image(server).edit(make_image(size=(16, 16)), "make it green")
+        except editors.EditError as err:
+            outcome = err
+    if mode == "once" and transport:
+        assert isinstance(outcome, Image.Image) and outcome.getpixel((0, 0)) == (0, 200, 0)
+    else:
+        assert isinstance(outcome, editors.EditError), outcome
+        assert_no_key(outcome, outcome.__context__, outcome.__cause__)
+    TALLY["survived"] += 1
+
+
+def test_gpt_image_rejected_key_is_a_setup_error_without_the_key(make_image) -> None:
+    server = FakeOpenAIServer()
+    server.route("POST", "/v1/images/edits", lambda request: FATAL_KEY_ECHO("", request))
+    with server, pytest.raises(editors.EditorSetupError) as caught:
+        gpt_image(server).edit(make_image(size=(16, 16)), "make it green")
+    assert "HTTP 401" in str(caught.value) and "[redacted API key]" in str(caught.value)
+    assert_no_key(caught.value, caught.value.__context__, caught.value.__cause__)
+
+
+def test_gpt_image_mixed_batch_in_evaluate_records_every_example(tmp_path, make_image) -> None:
+    """evaluate.py's edit stage with GPT-Image: 15 examples meet a fault on every request, 15 are healthy; every
+    example gets its record (an edit, or an edit-error with the reason), and no record holds the key."""
+    requests = [f"fault {name}" for name in IMAGE_FAULTS] + [f"healthy {i}" for i in range(len(IMAGE_FAULTS))]
+    examples = [EditExample(f"ex{i:02d}", make_image(size=(16, 16), seed=i), r, "m") for i, r in enumerate(requests)]
+
+    def behaviour(request: RecordedRequest) -> Reply:
+        name = next((n for n in IMAGE_FAULTS if f"fault {n}".encode() in request.body), None)
+        return image_reply() if name is None else IMAGE_FAULTS[name]("", request)
+
+    TALLY["batches"], TALLY["batch samples"] = TALLY["batches"] + 1, TALLY["batch samples"] + len(examples)
+    server = FakeOpenAIServer()
+    server.route("POST", "/v1/images/edits", behaviour)
+    args = evaluate.Args(out=str(tmp_path), methods="original", judges="unused", agent_batch_size=8)
+    methods = evaluate.parse_methods(args.methods, args.turns)
+    with server:
+        tasks = evaluate.plan_edits({"m": examples}, methods, done=set())
+        evaluate.run_edits(tasks, args, methods, gpt_image(server), tmp_path / "edits.jsonl")
+    text = (tmp_path / "edits.jsonl").read_text()
+    records = {r["request"]: r for r in map(json.loads, text.splitlines())}
+    assert sorted(records) == sorted(requests)
+    assert all(records[r]["status"] == "ok" for r in requests if r.startswith("healthy"))
+    assert all(records[r]["status"] in ("ok", "edit-error") for r in requests)
+    assert_no_key(text)
+    TALLY["batches finished"] += 1
+    TALLY["batch results"] += len(records)
 
 
 # --- the figures -----------------------------------------------------------------------------------------------------
