@@ -288,13 +288,16 @@ def test_adding_a_judge_reuses_the_edits_and_retry_redoes_only_failures(
 
 
 def test_an_html_page_for_one_sample_is_a_recorded_failure_that_retry_failed_fills_in(
-    tmp_path: Path, shapes_manifest: Path
+    tmp_path: Path, shapes_manifest: Path, monkeypatch
 ) -> None:
     """A proxy answers every judge request about one example with an HTML page (status 200), and the first request
     about another: the run finishes, the second is judged on its retry, the first is a judge-error record with the
-    reason; `--retry-failed`, the proxy gone, asks again for that one verdict only and the table has all of them."""
+    reason; `--retry-failed`, the proxy gone, asks again for that one verdict only and the table has all of them.
+    The server also echoes the Authorization header into one valid verdict's reason: the key stays out of the file."""
+    secret = "sk-test-ECHOED0key0in0a0reason"
+    monkeypatch.setenv("JUDGE_API_KEY", secret)
     lines = [json.loads(line) for line in shapes_manifest.read_text().splitlines()][:N_SHAPES]  # the readable ones
-    unlucky, glitched = lines[2], lines[5]
+    unlucky, glitched, echoed = lines[2], lines[5], lines[6]
     proxy = {"on": True, "glitched": 0}
 
     def behaviour(request):
@@ -303,6 +306,8 @@ def test_an_html_page_for_one_sample_is_a_recorded_failure_that_retry_failed_fil
         proxy["glitched"] += glitch
         if proxy["on"] and (f'Edit Request: "{unlucky["request"]}"' in asked or glitch):
             return Reply(200, HTML_PAGE, content_type="text/html")
+        if f'Edit Request: "{echoed["request"]}"' in asked:
+            return verdict(3, 2, 1, reason=f"fine; you sent {request.headers['authorization']}")
         return verdict(3, 2, 1, reason="fine")
 
     out = tmp_path / "out"
@@ -318,6 +323,10 @@ def test_an_html_page_for_one_sample_is_a_recorded_failure_that_retry_failed_fil
         assert failure["example_id"] == unlucky["id"] and failure["status"] == "judge-error"
         assert "not JSON (text/html)" in failure["reason"] and "<!DOCTYPE html>" in failure["reason"]
         assert next(r for r in records if r["example_id"] == glitched["id"])["status"] == "ok"
+        assert next(r for r in records if r["example_id"] == echoed["id"])["reason"] == (
+            "fine; you sent Bearer [redacted API key]"
+        )
+        assert secret not in (out / "judgements.jsonl").read_text()
         assert read_csv(out / "subscores.csv")[0]["judge errors"] == "1"
 
         proxy["on"] = False
