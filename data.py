@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 import benchmarks
@@ -88,8 +88,8 @@ class RLExample:
     gold: rewards.Decomposition
 
     def load_image(self) -> Image.Image:
-        with Image.open(self.image_path) as im:
-            return im.convert("RGB")
+        """The RGB image, decoded exactly as `parse_rl_line` decoded it to validate the line."""
+        return benchmarks.FileImage(self.image_path, str(self.image_path)).read()
 
 
 def parse_rl_line(line: str, where: str, base_dir: Path) -> RLExample:
@@ -119,26 +119,55 @@ def parse_rl_line(line: str, where: str, base_dir: Path) -> RLExample:
         image_path = base_dir / image_path
     if not image_path.is_file():
         raise DataError(f"{where}: field 'image': file not found: {image_path}")
-    try:
-        with Image.open(image_path) as im:
-            im.verify()  # reads the whole file's structure without decoding all pixels
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{where}: field 'image': unreadable image {image_path}: {e}") from None
+    try:  # decode every pixel, as training will: Pillow's verify() checks the chunks and passes a corrupt stream
+        RLExample(obj["id"], image_path, obj["request"], gold).load_image()
+    except benchmarks.ImageReadError as e:
+        raise DataError(f"{where}: field 'image': unreadable image {e}") from None
     return RLExample(id=obj["id"], image_path=image_path, request=obj["request"].strip(), gold=gold)
 
 
+def decode_line(raw: bytes, where: str) -> str:
+    """A line of a UTF-8 file; DataError naming the first byte that is not UTF-8 and the field that holds it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start
+    field = _field_with_bad_bytes(raw)
+    named = f" field {field!r}:" if field else ""
+    raise DataError(f"{where}:{named} not UTF-8 (byte 0x{raw[bad]:02x} at column {bad + 1}); save the file as UTF-8")
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" turns an undecodable byte into
+
+
+def _field_with_bad_bytes(raw: bytes) -> str | None:
+    """The top-level field of a JSON-object line whose key or value holds bytes that are not UTF-8 (None if the line
+    is not such an object). With the bad bytes escaped to lone surrogates, the rest of the line still parses."""
+    try:
+        obj = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    return next((k for k, v in obj.items() if _ESCAPED_BYTE.search(k + json.dumps(v, ensure_ascii=False))), None)
+
+
 def load_rl_jsonl(path: str | Path) -> list[RLExample]:
-    """Read and validate a whole RL JSONL file (blank lines are skipped). Raises DataError at the first bad line."""
+    """Read and validate a whole RL JSONL file (blank lines are skipped). Raises DataError at the first bad line.
+
+    Every image is decoded, as training will decode it, so a file that loads here cannot fail mid-training.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     examples: list[RLExample] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            line = decode_line(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             example = parse_rl_line(line, where, path.parent)
             if example.id in seen:
                 raise DataError(f"{where}: field 'id': duplicate id {example.id!r} (first on line {seen[example.id]})")
