@@ -146,7 +146,7 @@ BENCHMARKS = {
 
 def decode_image(data: bytes, where: str) -> Image.Image:
     """Encoded image bytes -> RGB image, every pixel decoded; ImageReadError naming `where` if Pillow cannot decode
-    them fully or the image has more than MAX_IMAGE_PIXELS pixels."""
+    them fully or the image has more than MAX_IMAGE_PIXELS pixels. The messages are stable text (no object reprs)."""
     limit = f"the limit is {MAX_IMAGE_PIXELS:,} pixels (benchmarks.MAX_IMAGE_PIXELS)"
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -158,7 +158,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         claimed = re.search(r"\((\d+) pixels\)", str(e))  # "Image size (1600000000 pixels) exceeds limit of ..."
         size = f"{int(claimed.group(1)):,} pixels" if claimed else f"too many pixels for Pillow ({e})"
         raise ImageReadError(f"{where}: the image is {size}, too large; {limit}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:  # its message holds the repr of our BytesIO: say it in stable words
+        raise ImageReadError(f"{where}: the image does not decode (not an image format Pillow can read)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{where}: the image does not decode ({type(e).__name__}: {e})") from None
     raise ImageReadError(f"{where}: the image is {width} x {height} = {width * height:,} pixels, too large; {limit}")
 
