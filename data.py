@@ -56,6 +56,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -724,7 +725,14 @@ def _check_run_config(out: Path, config: dict) -> None:
     """Refuse to mix labels from another benchmark, teacher or prompt into one journal."""
     path = out / RUN_FILE
     if path.is_file():
-        earlier = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(
+                f"{path} is torn ({e}), so the labels in {out} cannot be checked against this run's benchmark, "
+                f"teacher and prompt; if this is the command that made them, delete it and run again, else use "
+                f"another --out"
+            ) from None
         changed = [f"{k}: {earlier.get(k)!r} -> {v!r}" for k, v in config.items() if earlier.get(k) != v]
         if changed:
             raise DataError(f"{out} holds labels of another run ({'; '.join(changed)}); use another --out")
@@ -905,7 +913,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(args)
     except (benchmarks.BenchmarkError, DataError, judge.MissingAPIKeyError) as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None  # bad input, as train.py and evaluate.py report it
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The cases: training data that is not UTF-8; a PNG whose chunks (and their CRCs) are valid but whose compressed image
 stream is corrupt, which Pillow's `verify()` passes because it decodes no pixel; a PNG whose header claims more pixels
-than the limit (a decompression bomb). train.py runs in a subprocess, as a user runs it.
+than the limit (a decompression bomb); and an evaluation folder whose `run.json` a kill left empty. train.py and
+evaluate.py run in subprocesses, as a user runs them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from PIL import Image
 
 import benchmarks
 import data
+import evaluate
+import shapes
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {"id": "a", "image": "ok.png", "request": "make it blue", "actions": ["recolor"], "subjects": ["circle"],
@@ -115,6 +118,7 @@ def test_loading_names_file_line_and_field(tmp_path: Path, case: str) -> None:
     message = str(caught.value)
     assert message.startswith(f"{path}:2: field {field!r}"), message
     assert all(word in message for word in words), message
+    assert " at 0x" not in message  # no object repr: the same file gives the same message
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -134,3 +138,55 @@ def test_train_exits_2_naming_the_problem_and_trains_nothing(tmp_path: Path, cas
     assert f"{path}:2: field {field!r}" in proc.stderr and all(word in proc.stderr for word in words), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()  # nothing trained, nothing written
+
+
+# --- a torn run.json -------------------------------------------------------------------------------------------------
+
+
+def evaluate_argv(out: Path, manifest: Path) -> list[str]:
+    return ["--editor", "shapes", "--benchmark", f"shapes={manifest}", "--limit", "0", "--methods", "original",
+            "--judges", "shapes", "--no-progress", "--out", str(out)]  # fmt: skip
+
+
+@pytest.mark.parametrize("torn", ["", '{"editor": "shap'])
+def test_a_torn_run_json_is_reported_with_what_to_do(tmp_path: Path, torn: str) -> None:
+    manifest = shapes.write_jsonl(shapes.make_dataset(2, seed=5), tmp_path / "data", "test")
+    out = tmp_path / "eval"
+    evaluate.main(evaluate_argv(out, manifest))
+    edits = (out / "edits.jsonl").read_bytes()
+    (out / "run.json").write_text(torn)  # what a kill in the middle of the old in-place rewrite left
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", *evaluate_argv(out, manifest)], cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{out / 'run.json'}" in proc.stderr and "Traceback" not in proc.stderr
+    assert "delete it" in proc.stderr and "--out" in proc.stderr  # what to do
+    assert (out / "edits.jsonl").read_bytes() == edits and (out / "run.json").read_text() == torn  # nothing touched
+
+
+def test_run_json_is_replaced_by_a_rename_never_rewritten_in_place(tmp_path: Path, monkeypatch) -> None:
+    """A kill can then leave the old run.json or the new one, never half of one."""
+    manifest = shapes.write_jsonl(shapes.make_dataset(2, seed=5), tmp_path / "data", "test")
+    out = tmp_path / "eval"
+    renamed, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(Path(dst)), real_replace(src, dst))[-1])
+    evaluate.main(evaluate_argv(out, manifest))
+    evaluate.main(evaluate_argv(out, manifest))  # a resume writes it again
+    assert renamed.count(out / "run.json") == 2
+    assert json.loads((out / "run.json").read_text())["editor"] == "shapes"
+
+
+def test_a_torn_run_json_of_the_labeller_is_reported_with_what_to_do(tmp_path: Path, capsys) -> None:
+    manifest = shapes.write_jsonl(shapes.make_dataset(2, seed=5), tmp_path / "data", "test")
+    out = tmp_path / "rl"
+    out.mkdir()
+    (out / "run.json").write_text("")
+    argv = ["--benchmark", str(manifest), "--exclude-eval-limit", "-1", "--teacher", "openai:m@http://127.0.0.1:9/v1",
+            "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as caught:
+        data.main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'run.json'}" in err and "delete it" in err
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # nothing labelled, nothing written
