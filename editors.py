@@ -125,16 +125,36 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", ".", "~")) or model.count("/") > 1
 
 
-def _check_local_folder(model: str, how_to_get: str) -> None:
-    """A local path that does not exist fails here with our message (diffusers would raise a bare ValueError)."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle checkpoints
+
+
+def check_local_folder(model: str, how_to_get: str) -> None:
+    """A local path that does not exist fails here with our message (diffusers would raise a bare ValueError), and so
+    does a pipeline folder with a component whose weights are pickle files only: unpickling runs arbitrary code, so
+    the editors load safetensors only (`use_safetensors=True`, as policy.py does), and diffusers' own refusal would
+    only say that a .safetensors file is missing."""
     if _looks_like_path(model) and not Path(model).is_dir():
         raise EditorSetupError(f"model folder {model!r} does not exist. {how_to_get}")
+    if not Path(model).is_dir():
+        return  # a hub id: from_pretrained(use_safetensors=True) refuses a pickle-only repository
+    pickled = []
+    for component in sorted(p for p in Path(model).iterdir() if p.is_dir()):
+        names = sorted(f.name for f in component.iterdir() if f.is_file())
+        if not any(name.endswith(".safetensors") for name in names):
+            pickled += [f"{component.name}/{name}" for name in names if name.endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        raise EditorSetupError(
+            f"weights {model!r}: {', '.join(pickled)} are pickle files, which can run code when loaded; the editors "
+            f"load safetensors only. Get the model's safetensors release, or convert a copy you trust: load it once "
+            f"with diffusers and save_pretrained() it (diffusers writes safetensors). {how_to_get}"
+        )
 
 
 def _weights_error(model: str, how_to_get: str, err: OSError) -> EditorSetupError:
     return EditorSetupError(
-        f"cannot load weights {model!r}: neither a complete local pipeline folder nor in the Hugging Face cache (this "
-        f"project never downloads at run time; HF_HUB_OFFLINE=1). {how_to_get} Underlying error: {err}"
+        f"cannot load weights {model!r}: neither a complete local pipeline folder nor in the Hugging Face cache, with "
+        f"safetensors weights (this project never downloads at run time, HF_HUB_OFFLINE=1, and loads no pickle "
+        f"weights). {how_to_get} Underlying error: {err}"
     )
 
 
@@ -180,9 +200,11 @@ class FluxKontextEditor:
         if self._pipe is None:
             from diffusers import FluxKontextPipeline
 
-            _check_local_folder(self.model, self.how_to_get())
+            check_local_folder(self.model, self.how_to_get())
             try:
-                pipe = FluxKontextPipeline.from_pretrained(self.model, dtype=_torch_dtype(self.options.dtype))
+                pipe = FluxKontextPipeline.from_pretrained(
+                    self.model, dtype=_torch_dtype(self.options.dtype), use_safetensors=True
+                )
             except OSError as err:  # not cached offline, gated without a token, or a folder without model_index.json
                 raise _weights_error(self.model, self.how_to_get(), err) from err
             self._pipe = _place(pipe, self.options)
@@ -288,11 +310,11 @@ class QwenImageEditor:
         if self._pipe is None:
             from diffusers import QwenImageEditPipeline
 
-            _check_local_folder(self.model, self.how_to_get())
+            check_local_folder(self.model, self.how_to_get())
             try:
                 processor = _load_qwen_edit_processor(self.model)
                 pipe = QwenImageEditPipeline.from_pretrained(
-                    self.model, processor=processor, dtype=_torch_dtype(self.options.dtype)
+                    self.model, processor=processor, dtype=_torch_dtype(self.options.dtype), use_safetensors=True
                 )
             except OSError as err:  # not cached offline, or a folder that is not a Qwen-Image-Edit pipeline
                 raise _weights_error(self.model, self.how_to_get(), err) from err

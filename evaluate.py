@@ -487,6 +487,7 @@ def check_editor(editor: editors.Editor) -> None:
                 raise editors.EditorSetupError(
                     f"weights {model!r}: no diffusers pipeline folder there (model_index.json). {editor.how_to_get()}"
                 )
+            editors.check_local_folder(model, editor.how_to_get())  # pickle weights are refused now, not mid-run
         elif not isinstance(huggingface_hub.try_to_load_from_cache(model, "model_index.json"), str):
             raise editors.EditorSetupError(
                 f"weights {model!r} are not in the local Hugging Face cache (nothing is downloaded at run time). "
