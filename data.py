@@ -15,8 +15,10 @@ Other keys are allowed and ignored. Gold items are normalised exactly as `reward
 (`rewards.gold_from_lists`), so a label and a prediction that print the same compare equal.
 
 `load_rl_jsonl` validates EVERY line before training starts and stops at the first bad one with an error that names
-the file, the line number and the field: bad JSON, a missing or wrongly typed field, an empty gold list, a duplicate
-id, an image that does not exist or that Pillow cannot read.
+the file, the line number and the field: a line that is not UTF-8, bad JSON, a missing or wrongly typed field, an
+empty gold list, a duplicate id, an image that does not exist, that does not decode to the last pixel (it is decoded
+exactly as training decodes it, so a corrupt pixel stream is found here, not mid-step), or that has more than
+`benchmarks.MAX_IMAGE_PIXELS` pixels.
 
 Making gold labels (`python data.py --benchmark realedit --root DIR --teacher gpt-4o --out data/rl`)
 -------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import editors
+import evaluate
 from editors import EditError, EditorOptions, EditorSetupError
 from tiny_pipelines import save_tiny_flux_kontext, save_tiny_qwen_image_edit
 
@@ -188,9 +189,7 @@ def test_a_pickle_checkpoint_is_refused_with_a_clear_message(fixture, request, t
     message = str(info.value)
     assert "transformer" in message and "diffusion_pytorch_model.bin" in message and "safetensors" in message
     assert "pickle" in message and unpickled == []
-    import evaluate  # its setup stage refuses the folder before any work starts
-
-    with pytest.raises(EditorSetupError, match="pickle"):
+    with pytest.raises(EditorSetupError, match="pickle"):  # evaluate.py's setup stage, before any work starts
         evaluate.check_editor(type(editor)(tiny_options(folder)))
 
 
