@@ -122,11 +122,12 @@ def parse_rl_line(line: str, where: str, base_dir: Path) -> RLExample:
         image_path = base_dir / image_path
     if not image_path.is_file():
         raise DataError(f"{where}: field 'image': file not found: {image_path}")
+    example = RLExample(id=obj["id"], image_path=image_path, request=obj["request"].strip(), gold=gold)
     try:  # decode every pixel, as training will: Pillow's verify() checks the chunks and passes a corrupt stream
-        RLExample(obj["id"], image_path, obj["request"], gold).load_image()
+        example.load_image()
     except benchmarks.ImageReadError as e:
         raise DataError(f"{where}: field 'image': unreadable image {e}") from None
-    return RLExample(id=obj["id"], image_path=image_path, request=obj["request"].strip(), gold=gold)
+    return example
 
 
 def decode_line(raw: bytes, where: str) -> str:
