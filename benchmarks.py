@@ -65,6 +65,7 @@ import functools
 import hashlib
 import io
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,10 @@ DEFAULT_EVAL_LIMIT = 1000  # the paper evaluates on 1,000 sampled examples of Re
 DEFAULT_EVAL_SEED = 0
 ALL_SPLITS = "all"  # the split name that means "every parquet file under the root"
 ROW_DIGITS = 6  # rows in ids are zero-padded so that ids sort in row order within a file
+# The most pixels an image may have: Pillow's decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, about 9,459 x
+# 9,459), above which Pillow only warns (it refuses twice as many). `decode_image` refuses a larger image from its
+# header, before decoding a pixel. To read larger trusted images, raise this and PIL.Image.MAX_IMAGE_PIXELS together.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 class BenchmarkError(ValueError):
@@ -140,13 +145,24 @@ BENCHMARKS = {
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
-    """Encoded image bytes -> RGB image; ImageReadError naming `where` if Pillow cannot decode them fully."""
+    """Encoded image bytes -> RGB image, every pixel decoded; ImageReadError naming `where` if Pillow cannot decode
+    them fully or the image has more than MAX_IMAGE_PIXELS pixels. The messages are stable text (no object reprs)."""
+    limit = f"the limit is {MAX_IMAGE_PIXELS:,} pixels (benchmarks.MAX_IMAGE_PIXELS)"
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.load()  # decode now: a truncated file opens fine and fails only here
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            width, height = im.size
+            if width * height <= MAX_IMAGE_PIXELS:
+                im.load()  # decode now: a truncated file, or a corrupt pixel stream, opens fine and fails only here
+                return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # Pillow refuses twice its threshold while reading the header
+        claimed = re.search(r"\((\d+) pixels\)", str(e))  # "Image size (1600000000 pixels) exceeds limit of ..."
+        size = f"{int(claimed.group(1)):,} pixels" if claimed else f"too many pixels for Pillow ({e})"
+        raise ImageReadError(f"{where}: the image is {size}, too large; {limit}") from None
+    except UnidentifiedImageError:  # its message holds the repr of our BytesIO: say it in stable words
+        raise ImageReadError(f"{where}: the image does not decode (not an image format Pillow can read)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{where}: the image does not decode ({type(e).__name__}: {e})") from None
+    raise ImageReadError(f"{where}: the image is {width} x {height} = {width * height:,} pixels, too large; {limit}")
 
 
 def _read_file(path: Path, where: str) -> bytes:

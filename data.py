@@ -15,8 +15,10 @@ Other keys are allowed and ignored. Gold items are normalised exactly as `reward
 (`rewards.gold_from_lists`), so a label and a prediction that print the same compare equal.
 
 `load_rl_jsonl` validates EVERY line before training starts and stops at the first bad one with an error that names
-the file, the line number and the field: bad JSON, a missing or wrongly typed field, an empty gold list, a duplicate
-id, an image that does not exist or that Pillow cannot read.
+the file, the line number and the field: a line that is not UTF-8, bad JSON, a missing or wrongly typed field, an
+empty gold list, a duplicate id, an image that does not exist, that does not decode to the last pixel (it is decoded
+exactly as training decodes it, so a corrupt pixel stream is found here, not mid-step), or that has more than
+`benchmarks.MAX_IMAGE_PIXELS` pixels.
 
 Making gold labels (`python data.py --benchmark realedit --root DIR --teacher gpt-4o --out data/rl`)
 -------------------------------------------------------------------------------------------------
@@ -56,6 +58,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -63,8 +66,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from openai.types.chat import ChatCompletion
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 import benchmarks
@@ -89,8 +91,8 @@ class RLExample:
     gold: rewards.Decomposition
 
     def load_image(self) -> Image.Image:
-        with Image.open(self.image_path) as im:
-            return im.convert("RGB")
+        """The RGB image, decoded exactly as `parse_rl_line` decoded it to validate the line."""
+        return benchmarks.FileImage(self.image_path, str(self.image_path)).read()
 
 
 def parse_rl_line(line: str, where: str, base_dir: Path) -> RLExample:
@@ -120,26 +122,56 @@ def parse_rl_line(line: str, where: str, base_dir: Path) -> RLExample:
         image_path = base_dir / image_path
     if not image_path.is_file():
         raise DataError(f"{where}: field 'image': file not found: {image_path}")
+    example = RLExample(id=obj["id"], image_path=image_path, request=obj["request"].strip(), gold=gold)
+    try:  # decode every pixel, as training will: Pillow's verify() checks the chunks and passes a corrupt stream
+        example.load_image()
+    except benchmarks.ImageReadError as e:
+        raise DataError(f"{where}: field 'image': unreadable image {e}") from None
+    return example
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """A line of a UTF-8 file; DataError naming the first byte that is not UTF-8 and the field that holds it."""
     try:
-        with Image.open(image_path) as im:
-            im.verify()  # reads the whole file's structure without decoding all pixels
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{where}: field 'image': unreadable image {image_path}: {e}") from None
-    return RLExample(id=obj["id"], image_path=image_path, request=obj["request"].strip(), gold=gold)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start
+    field = _field_with_bad_bytes(raw)
+    named = f" field {field!r}:" if field else ""
+    raise DataError(f"{where}:{named} not UTF-8 (byte 0x{raw[bad]:02x} at column {bad + 1}); save the file as UTF-8")
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" turns an undecodable byte into
+
+
+def _field_with_bad_bytes(raw: bytes) -> str | None:
+    """The top-level field of a JSON-object line whose key or value holds bytes that are not UTF-8 (None if the line
+    is not such an object). With the bad bytes escaped to lone surrogates, the rest of the line still parses."""
+    try:
+        obj = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    return next((k for k, v in obj.items() if _ESCAPED_BYTE.search(k + json.dumps(v, ensure_ascii=False))), None)
 
 
 def load_rl_jsonl(path: str | Path) -> list[RLExample]:
-    """Read and validate a whole RL JSONL file (blank lines are skipped). Raises DataError at the first bad line."""
+    """Read and validate a whole RL JSONL file (blank lines are skipped). Raises DataError at the first bad line.
+
+    Every image is decoded, as training will decode it, so a file that loads here cannot fail mid-training.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     examples: list[RLExample] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            line = decode_line(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             example = parse_rl_line(line, where, path.parent)
             if example.id in seen:
                 raise DataError(f"{where}: field 'id': duplicate id {example.id!r} (first on line {seen[example.id]})")
@@ -219,7 +251,9 @@ LABEL_RESPONSE_FORMAT = {
 # ---------------------------------------------------------------------------------------------------------------------
 # Validating a reply
 
-REJECT_API = "api failure"  # no reply after the client's retries (HTTP error, timeout, connection): retried next run
+# No answer after the client's retries (HTTP error, timeout, connection), or 200 replies that were not chat
+# completions (an HTML page from a proxy): not the model's answer, so the next run asks again.
+REJECT_API = "api failure"
 REJECT_REFUSAL = "refusal"  # the model refused (the `refusal` field of a structured-output reply)
 REJECT_EMPTY_REPLY = "empty reply"  # a reply with no text
 REJECT_MALFORMED = "malformed json"  # text that is not {"actions": [str], "subjects": [str], "goals": [str]}
@@ -235,9 +269,14 @@ REJECT_REASONS = (
     REJECT_EXAMPLE,
     REJECT_DUPLICATE,
 )
-_ASK_AGAIN = (REJECT_EMPTY_REPLY, REJECT_MALFORMED)  # worth another request; a refusal or "not an edit" is an answer
-
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)  # local models like ```json fences
+# Worth another request at once; a refusal or "not an edit" is an answer. (A failed request is not asked again here:
+# the client has retried it already.)
+_ASK_AGAIN = (REJECT_EMPTY_REPLY, REJECT_MALFORMED, REJECT_API)
+REPLY_REJECTS = {  # judge.ReplyError's kind -> the reject it is
+    judge.REPLY_NOT_A_COMPLETION: REJECT_API,
+    judge.REPLY_REFUSAL: REJECT_REFUSAL,
+    judge.REPLY_NO_TEXT: REJECT_EMPTY_REPLY,
+}
 
 
 class LabelError(ValueError):
@@ -254,12 +293,10 @@ def _snippet(text: str, limit: int = 200) -> str:
 
 def parse_label(text: str) -> rewards.Decomposition:
     """A teacher's JSON reply -> the normalised gold decomposition, or LabelError with its reason."""
-    stripped = text.strip()
-    if not stripped:
+    if not text.strip():
         raise LabelError(REJECT_EMPTY_REPLY, "the reply is empty")
-    fenced = _FENCE.match(stripped)
     try:
-        data = json.loads(fenced.group(1) if fenced else stripped)
+        data = json.loads(judge.json_text(text))  # bare, or fenced after some prose (local models like fences)
     except json.JSONDecodeError as e:
         raise LabelError(REJECT_MALFORMED, f"not JSON ({e.msg} at column {e.colno}): {_snippet(text)}") from None
     except RecursionError:  # "[[[[..." deeper than the decoder allows
@@ -320,28 +357,17 @@ class OpenAITeacher(judge.ChatEndpoint):
         attempts = 1 + self.parse_retries
         for _ in range(attempts):
             try:
-                response = self.create(messages, LABEL_RESPONSE_FORMAT)
-            except judge.ChatError as e:  # the client's retries are spent; the text is already redacted
+                reply = self.complete(messages, LABEL_RESPONSE_FORMAT)  # its text and errors are already redacted
+                return TeacherReply(parse_label(reply.text), reply.input_tokens, reply.output_tokens)
+            except judge.ChatError as e:  # the client's retries are spent
                 raise LabelError(REJECT_API, str(e)) from None
-            usage = response.usage
-            try:
-                gold = parse_label(self._reply_text(response))
-            except LabelError as e:
-                if e.reason not in _ASK_AGAIN:
-                    raise
+            except judge.ReplyError as e:  # a 200 reply with no usable text
+                last = LabelError(REPLY_REJECTS[e.kind], str(e))
+            except LabelError as e:  # text that is no label
                 last = e
-                continue
-            return TeacherReply(gold, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
-        raise LabelError(last.reason, self.redact(f"{last.detail} ({attempts} replies, none usable)"))
-
-    @staticmethod
-    def _reply_text(response: ChatCompletion) -> str:
-        if not response.choices:
-            raise LabelError(REJECT_EMPTY_REPLY, "the reply has no choices")
-        message = response.choices[0].message
-        if getattr(message, "refusal", None):
-            raise LabelError(REJECT_REFUSAL, _snippet(message.refusal))
-        return message.content or ""
+            if last.reason not in _ASK_AGAIN:
+                raise last
+        raise LabelError(last.reason, f"{last.detail} ({attempts} replies, none usable)")
 
 
 class LocalTeacher:
@@ -702,7 +728,14 @@ def _check_run_config(out: Path, config: dict) -> None:
     """Refuse to mix labels from another benchmark, teacher or prompt into one journal."""
     path = out / RUN_FILE
     if path.is_file():
-        earlier = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(
+                f"{path} is torn ({e}), so the labels in {out} cannot be checked against this run's benchmark, "
+                f"teacher and prompt; if this is the command that made them, delete it and run again, else use "
+                f"another --out"
+            ) from None
         changed = [f"{k}: {earlier.get(k)!r} -> {v!r}" for k, v in config.items() if earlier.get(k) != v]
         if changed:
             raise DataError(f"{out} holds labels of another run ({'; '.join(changed)}); use another --out")
@@ -883,7 +916,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(args)
     except (benchmarks.BenchmarkError, DataError, judge.MissingAPIKeyError) as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None  # bad input, as train.py and evaluate.py report it
 
 
 if __name__ == "__main__":

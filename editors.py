@@ -35,7 +35,9 @@ inside functions) and none of the project's modules.
 from __future__ import annotations
 
 import base64
+import binascii
 import io
+import json
 import math
 import os
 import types
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 DEFAULT_AREA = 1024 * 1024  # both pipelines' default working area in pixels (FluxKontext's max_area, Qwen's target)
 RESAMPLE = Image.Resampling.LANCZOS  # for every resize to and from the working size
@@ -82,6 +84,7 @@ class EditorOptions:
     size: str | None = None  # GPT-Image only: "1024x1024" | "1536x1024" | "1024x1536" | "auto"; None = closest aspect
     input_fidelity: str | None = "high"  # GPT-Image only: how closely to preserve the input ("high" | "low")
     timeout_s: float = 300.0  # API editors: seconds to wait for one edit
+    max_retries: int = 2  # GPT-Image only: the openai client's retries of 408, 409, 429, 5xx, timeouts, connections
 
 
 # ------------------------------------------------------------------------------------------------- shared geometry
@@ -122,16 +125,36 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", ".", "~")) or model.count("/") > 1
 
 
-def _check_local_folder(model: str, how_to_get: str) -> None:
-    """A local path that does not exist fails here with our message (diffusers would raise a bare ValueError)."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle checkpoints
+
+
+def check_local_folder(model: str, how_to_get: str) -> None:
+    """A local path that does not exist fails here with our message (diffusers would raise a bare ValueError), and so
+    does a pipeline folder with a component whose weights are pickle files only: unpickling runs arbitrary code, so
+    the editors load safetensors only (`use_safetensors=True`, as policy.py does), and diffusers' own refusal would
+    only say that a .safetensors file is missing."""
     if _looks_like_path(model) and not Path(model).is_dir():
         raise EditorSetupError(f"model folder {model!r} does not exist. {how_to_get}")
+    if not Path(model).is_dir():
+        return  # a hub id: from_pretrained(use_safetensors=True) refuses a pickle-only repository
+    pickled = []
+    for component in sorted(p for p in Path(model).iterdir() if p.is_dir()):
+        names = sorted(f.name for f in component.iterdir() if f.is_file())
+        if not any(name.endswith(".safetensors") for name in names):
+            pickled += [f"{component.name}/{name}" for name in names if name.endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        raise EditorSetupError(
+            f"weights {model!r}: {', '.join(pickled)} are pickle files, which can run code when loaded; the editors "
+            f"load safetensors only. Get the model's safetensors release, or convert a copy you trust: load it once "
+            f"with diffusers and save_pretrained() it (diffusers writes safetensors). {how_to_get}"
+        )
 
 
 def _weights_error(model: str, how_to_get: str, err: OSError) -> EditorSetupError:
     return EditorSetupError(
-        f"cannot load weights {model!r}: neither a complete local pipeline folder nor in the Hugging Face cache (this "
-        f"project never downloads at run time; HF_HUB_OFFLINE=1). {how_to_get} Underlying error: {err}"
+        f"cannot load weights {model!r}: neither a complete local pipeline folder nor in the Hugging Face cache, with "
+        f"safetensors weights (this project never downloads at run time, HF_HUB_OFFLINE=1, and loads no pickle "
+        f"weights). {how_to_get} Underlying error: {err}"
     )
 
 
@@ -177,9 +200,11 @@ class FluxKontextEditor:
         if self._pipe is None:
             from diffusers import FluxKontextPipeline
 
-            _check_local_folder(self.model, self.how_to_get())
+            check_local_folder(self.model, self.how_to_get())
             try:
-                pipe = FluxKontextPipeline.from_pretrained(self.model, dtype=_torch_dtype(self.options.dtype))
+                pipe = FluxKontextPipeline.from_pretrained(
+                    self.model, dtype=_torch_dtype(self.options.dtype), use_safetensors=True
+                )
             except OSError as err:  # not cached offline, gated without a token, or a folder without model_index.json
                 raise _weights_error(self.model, self.how_to_get(), err) from err
             self._pipe = _place(pipe, self.options)
@@ -285,11 +310,11 @@ class QwenImageEditor:
         if self._pipe is None:
             from diffusers import QwenImageEditPipeline
 
-            _check_local_folder(self.model, self.how_to_get())
+            check_local_folder(self.model, self.how_to_get())
             try:
                 processor = _load_qwen_edit_processor(self.model)
                 pipe = QwenImageEditPipeline.from_pretrained(
-                    self.model, processor=processor, dtype=_torch_dtype(self.options.dtype)
+                    self.model, processor=processor, dtype=_torch_dtype(self.options.dtype), use_safetensors=True
                 )
             except OSError as err:  # not cached offline, or a folder that is not a Qwen-Image-Edit pipeline
                 raise _weights_error(self.model, self.how_to_get(), err) from err
@@ -327,6 +352,16 @@ def _reason_name(value: Any) -> str | None:
     return None if value is None else getattr(value, "name", str(value))
 
 
+def _decode_reply_image(data: bytes, editor: str) -> Image.Image:
+    """An API's image bytes -> RGB image, decoded now; EditError when they are not an image Pillow can decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise EditError(f"{editor} returned image data that does not decode ({type(e).__name__})") from None
+
+
 def image_from_gemini_response(response: Any) -> Image.Image:
     """The first image in a `generate_content` response, or EditError saying why there is none.
 
@@ -344,7 +379,7 @@ def image_from_gemini_response(response: Any) -> Image.Image:
     for part in parts:
         blob = part.inline_data
         if blob is not None and blob.data and (blob.mime_type or "").startswith("image/"):
-            return Image.open(io.BytesIO(blob.data)).convert("RGB")
+            return _decode_reply_image(blob.data, "nano-banana")
     texts = " ".join(part.text for part in parts if part.text)
     raise EditError(
         f"nano-banana returned no image (finish_reason={_reason_name(candidate.finish_reason)}, "
@@ -410,13 +445,39 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def image_from_openai_reply(body: str) -> Image.Image:
+    """The image in the raw body of an `images.edit` reply ({"data": [{"b64_json": ...}]}), or EditError saying why
+    there is none. Read from the raw body: the openai client hands back a bare string for a body that is not JSON (an
+    HTML page from a proxy) and builds objects of any shape without validating them."""
+    try:
+        reply = json.loads(body)
+    except (json.JSONDecodeError, RecursionError):
+        raise EditError(f"gpt-image reply is not JSON: {body[:200]!r}") from None
+    items = reply.get("data") if isinstance(reply, dict) else None
+    first = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
+    encoded = first.get("b64_json")
+    if not isinstance(encoded, str) or not encoded:
+        raise EditError(f"gpt-image returned no image data (reply: {body[:200]!r})")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        raise EditError(f"gpt-image image data is not base64: {encoded[:40]!r}") from None
+    return _decode_reply_image(data, "gpt-image")
+
+
 class GPTImageEditor:
     """OpenAI's gpt-image-1 through `client.images.edit`.
 
     The source goes up as a PNG file, the edit comes back as base64 at one of three sizes (the closest aspect ratio
     by default) and is resized to the source size. `input_fidelity="high"` asks the model to preserve the input's
-    details (faces, textures) outside the edit, which is what an editing benchmark rewards. A moderation refusal
-    (HTTP 400 with code "moderation_blocked") is an EditError; any other API error propagates.
+    details (faces, textures) outside the edit, which is what an editing benchmark rewards.
+
+    Failures: a rejected key (HTTP 401, 403) is an EditorSetupError, since no edit can work. Every other failure is an
+    EditError that callers record for this example: an API error after the client's `max_retries` (a moderation
+    refusal, HTTP 400 with code "moderation_blocked"; a 429 or 5xx; a timeout; a lost connection) and a reply with no
+    image (`image_from_openai_reply`). The API key is removed from both messages (servers echo it back: "Incorrect
+    API key provided: ..."), and they are raised outside the `except` blocks so the openai error is not attached.
+    (editors.py imports nothing of ours, so this is a small copy of judge.ChatEndpoint's conventions for one call.)
     """
 
     name = "gpt-image"
@@ -437,8 +498,12 @@ class GPTImageEditor:
                 raise EditorSetupError(
                     "gpt-image needs an OpenAI API key: set OPENAI_API_KEY (or EditorOptions.api_key)"
                 )
+            self._secret = api_key  # kept only to redact it from error text
             self._client = openai.OpenAI(
-                api_key=api_key, base_url=self.options.base_url, timeout=self.options.timeout_s
+                api_key=api_key,
+                base_url=self.options.base_url,
+                timeout=self.options.timeout_s,
+                max_retries=self.options.max_retries,
             )
         return self._client
 
@@ -447,23 +512,30 @@ class GPTImageEditor:
 
         source = image.convert("RGB")
         extra = {} if self.options.input_fidelity is None else {"input_fidelity": self.options.input_fidelity}
+        client, failure = self.client(), EditError
         try:
-            response = self.client().images.edit(
+            raw = client.images.with_raw_response.edit(  # the raw reply: see image_from_openai_reply
                 model=self.model,  # explicit: the endpoint's default model is dall-e-2
                 image=("source.png", png_bytes(source), "image/png"),
                 prompt=instruction,
                 size=self.options.size or gpt_image_size(*source.size),
                 **extra,
             )
-        except openai.BadRequestError as err:
-            if err.code == "moderation_blocked":
-                raise EditError(f"gpt-image refused the edit (moderation_blocked): {err.message}") from err
-            raise
-        encoded = response.data[0].b64_json if response.data else None
-        if not encoded:
-            raise EditError(f"gpt-image returned no image data (response: {str(response)[:200]})")
-        edited = Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")
-        return edited.resize(source.size, RESAMPLE)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as err:  # a wrong key: no edit can work
+            failure, message = EditorSetupError, f"gpt-image: HTTP {err.status_code}: {err.message}"
+        except openai.APIStatusError as err:  # moderation_blocked (400), 429 or 5xx after the retries, ...
+            message = f"gpt-image: HTTP {err.status_code}{f' ({err.code})' if err.code else ''}: {err.message}"
+        except openai.APITimeoutError:
+            retries = self.options.max_retries
+            message = f"gpt-image: no reply within the {self.options.timeout_s:g} s timeout ({retries} retries)"
+        except openai.APIConnectionError as err:
+            message = f"gpt-image: connection failed ({self.options.max_retries} retries): {err}"
+        else:
+            try:
+                return image_from_openai_reply(raw.text).resize(source.size, RESAMPLE)
+            except EditError as err:  # a 200 reply with no image in it
+                message = str(err)
+        raise failure(message.replace(self._secret, "[redacted API key]"))  # outside the excepts: nothing attached
 
 
 # ---------------------------------------------------------------------------------------------------------- factory

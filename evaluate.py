@@ -51,7 +51,8 @@ Stages, each resumable (run the same command again after a kill: done work is sk
     Crash safety: an image is written to a temporary name, fsynced and renamed; only then is its record appended,
     flushed and fsynced. A kill can leave at most a partial LAST line, which the next run cuts off and redoes (any
     other unreadable line is an error naming file and line). A lock file keeps two runs out of one --out folder, and
-    `run.json` refuses a resume whose edit settings (editor, agents, seed, ...) differ from the first run's.
+    `run.json` (also written by rename) refuses a resume whose edit settings (editor, agents, seed, ...) differ from
+    the first run's; a torn one (from before it was written by rename) is reported with what to do.
     `--retry-failed` redoes failed edits and judgements; a later success supersedes the failure record.
 
 Files in --out
@@ -88,6 +89,7 @@ import csv
 import fcntl
 import hashlib
 import html
+import io
 import json
 import math
 import multiprocessing
@@ -398,15 +400,22 @@ class RecordLog:
         self._file.close()
 
 
-def save_png(image: Image.Image, path: Path) -> None:
-    """Write a PNG atomically: a temporary name, fsync, rename. A reader never sees half an image."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file atomically: a temporary name, fsync, rename. A reader (a resumed run) never sees half a file, and
+    a kill leaves the old one. Every file a resume reads is written this way, except the append-only JSONL logs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     with partial.open("wb") as f:
-        image.save(f, format="PNG")
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -478,6 +487,7 @@ def check_editor(editor: editors.Editor) -> None:
                 raise editors.EditorSetupError(
                     f"weights {model!r}: no diffusers pipeline folder there (model_index.json). {editor.how_to_get()}"
                 )
+            editors.check_local_folder(model, editor.how_to_get())  # pickle weights are refused now, not mid-run
         elif not isinstance(huggingface_hub.try_to_load_from_cache(model, "model_index.json"), str):
             raise editors.EditorSetupError(
                 f"weights {model!r} are not in the local Hugging Face cache (nothing is downloaded at run time). "
@@ -526,11 +536,11 @@ class OpenAICritic(judging.ChatEndpoint):
 
     def _critique(self, sample: agents.CritiqueSample) -> str | agents.CriticFailure:
         try:
-            return judging.reply_text(self.create(critic_messages(sample)))
-        except judging.ChatError as err:  # an API failure after the client's retries; its text is already redacted
+            return self.complete(critic_messages(sample)).text  # the text and the errors are already redacted
+        except judging.ChatError as err:  # an API failure after the client's retries
             return agents.CriticFailure(str(err))
-        except judging.JudgeError as err:  # a 200 reply with no text or a refusal
-            return agents.CriticFailure(self.redact(f"{self.name}: {err}"))
+        except judging.ReplyError as err:  # a 200 reply with no usable text: an HTML page, a refusal, no text
+            return agents.CriticFailure(f"{self.name}: {err}")
 
 
 SHAPES_REFINED_PREFIX = "shapes+"  # "shapes+local:PATH": the shapes rubric's score, a local model's instruction
@@ -623,7 +633,13 @@ def check_run_settings(out: Path, args: Args) -> list[str]:
     path = out / "run.json"
     if not path.is_file():
         return []
-    before = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return [
+            f"{path} is torn ({err}), so the first run's edit settings are unknown; if this is the command that made "
+            f"the folder's results, delete it and run again (it is written anew), else use a new --out"
+        ]
     now = asdict(args)
     return [
         f"--{name.replace('_', '-')} was {before.get(name)!r} in {path}, now {now[name]!r}: use a new --out"
@@ -1339,7 +1355,7 @@ def evaluate(args: Args) -> dict[tuple[str, str, str], Cell]:
             raise SetupError("cannot resume, nothing was run:\n  - " + "\n  - ".join(problems))
         to_edit = {method_id for task in tasks for method_id in task.methods}
         editor, judges = preflight(args, judge_specs, [m for m in methods if m.id in to_edit])
-        (out / "run.json").write_text(json.dumps(asdict(args), indent=2) + "\n", encoding="utf-8")
+        write_atomic(out / "run.json", (json.dumps(asdict(args), indent=2) + "\n").encode())
 
         # 1. Edits. The bar counts edits and judgements; it first assumes every new edit succeeds and gets judged.
         n_edits = sum(len(task.methods) for task in tasks)
@@ -1374,4 +1390,5 @@ if __name__ == "__main__":
     try:
         main()
     except (SetupError, benchmarks.BenchmarkError, HumanScoresError, ResultsFileError) as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)  # bad input or setup, as train.py and data.py report it

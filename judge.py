@@ -21,8 +21,10 @@ Failure handling, from the wire up:
    connection errors up to `max_retries` times. It sleeps for the server's `Retry-After` / `retry-after-ms` when that
    is given and at most 120 s, else for an exponential backoff of 0.5 s * 2^n (at most 8 s, minus up to 25 % jitter).
    We rely on that and add no transport retry loop of our own.
-2. Content. A 200 reply whose text is not a valid verdict (bad JSON, a missing field, a refusal) is asked again up to
-   `parse_retries` times, then given up on.
+2. Content. A 200 reply is read from its raw body by `read_reply`, the one reader of chat-completion replies: it gives
+   the text, or a ReplyError whose kind says why there is none (not a chat completion at all, such as an HTML page
+   from a proxy or a captive portal; a refusal; no text). A reply with no text, or whose text is not a valid
+   verdict (bad JSON, a missing field), is asked again up to `parse_retries` times, then given up on.
 3. Batch. `judge_many` keeps at most `max_concurrency` requests in flight (a thread pool sharing one client) and turns
    each sample's `JudgeError` into a `JudgeFailure` carrying the reason, so a batch always finishes with one result
    per sample, in order. Failures are counted by the caller, never scored as zero here.
@@ -30,9 +32,11 @@ Failure handling, from the wire up:
 The API key is read only from the environment variable the caller names, at construction (a missing key fails
 before any work starts). It is handed to the client, which sends it only as the `Authorization` header; it is kept
 out of every message we build (errors are redacted, since servers sometimes echo the key back) and out of `repr`.
-These conventions (key, client, transport errors, redaction) are implemented once, in `ChatEndpoint`, which
-`OpenAIJudge`, data.py's teacher and evaluate.py's critic all build on; `parse_api_spec` reads the specs all three
-accept ("gpt-4o", "gemini-2.5-flash", "openai:MODEL@URL").
+The reply text is redacted too, so a server that echoes the header into an answer cannot put the key into a verdict's
+reason or a label. These conventions (key, client, transport errors, reading the reply, redaction) are implemented
+once, in `ChatEndpoint.complete`, which `OpenAIJudge`, data.py's teacher and evaluate.py's critic all build on;
+`parse_api_spec` reads the specs all three accept ("gpt-4o", "gemini-2.5-flash", "openai:MODEL@URL"), and `json_text`
+finds the JSON in a reply (bare, or in a fenced block after some prose) for every caller that parses JSON.
 """
 
 from __future__ import annotations
@@ -49,7 +53,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
-from openai.types.chat import ChatCompletion
 from PIL import Image
 
 FULFILMENT_MAX, QUALITY_MAX, PRESERVATION_MAX = 4, 3, 3  # the paper's Table 2 rubric
@@ -90,6 +93,29 @@ class ChatError(RuntimeError):
     The message names the endpoint and the problem, with the API key already redacted. It is raised outside any
     `except` block, so the openai error (whose text may echo the key) is not attached as its __context__.
     """
+
+
+REPLY_NOT_A_COMPLETION = "not a chat completion"  # an HTML page, an empty body, JSON of another shape
+REPLY_REFUSAL = "refusal"  # the model's `refusal` field (structured output) or a refusal content part
+REPLY_NO_TEXT = "no text"  # no choices, or a message whose content is null or blank
+
+
+class ReplyError(ValueError):
+    """A 200 chat-completions reply with no usable text. `kind` is REPLY_NOT_A_COMPLETION, REPLY_REFUSAL or
+    REPLY_NO_TEXT; the message says what the server sent (from `ChatEndpoint.complete`, with the key redacted)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """The text of a chat completion's first choice, and the tokens the server says it used (0 when it does not)."""
+
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,26 +181,32 @@ def rubric_prompt(request: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Parsing a reply
 
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
+_FENCED_BLOCK = re.compile(r"```[A-Za-z0-9_-]*[ \t]*(.*?)```", re.DOTALL)  # ```json ... ```, any tag or none
 
 
 def _snippet(text: str, limit: int = 200) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def json_text(text: str) -> str:
+    """The JSON in a model's reply, found as a person reading it would: the whole reply when it starts as JSON,
+    else the first fenced block (```json ... ```), prose before and after it ignored, else the reply itself."""
+    stripped = text.strip()
+    if stripped.startswith(("{", "[")):
+        return stripped
+    fenced = _FENCED_BLOCK.search(stripped)
+    return fenced.group(1).strip() if fenced else stripped
+
+
 def parse_verdict(text: str) -> Verdict:
     """Parse a judge's JSON reply into a Verdict, clamping out-of-range scores and noting that in `reason`.
 
-    Accepts the bare object or one wrapped in a ```json fence. Raises JudgeError for text that is not a JSON object,
-    a missing field, a score that is not a finite number (booleans and numeric strings are refused) or a reason that
-    is not a string.
+    Accepts the bare object or one in a fenced block, with prose around it (`json_text`). Raises JudgeError for text
+    that is not a JSON object, a missing field, a score that is not a finite number (booleans and numeric strings are
+    refused) or a reason that is not a string.
     """
-    stripped = text.strip()
-    fenced = _FENCE.match(stripped)
-    if fenced:
-        stripped = fenced.group(1)
     try:
-        data = json.loads(stripped)
+        data = json.loads(json_text(text))
     except json.JSONDecodeError as err:
         raise JudgeError(
             f"judge reply is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): {_snippet(text)}"
@@ -223,16 +255,59 @@ def rubric_messages(original: Image.Image, edited: Image.Image, request: str) ->
     return [{"role": "user", "content": content}]
 
 
-def reply_text(response: ChatCompletion) -> str:
-    """The text of a chat completion's first choice; JudgeError for a reply with no choices, a refusal or no text."""
-    if not response.choices:
-        raise JudgeError("judge reply has no choices")
-    choice = response.choices[0]
-    if getattr(choice.message, "refusal", None):
-        raise JudgeError(f"judge refused: {_snippet(choice.message.refusal)}")
-    if not choice.message.content:
-        raise JudgeError(f"judge reply has no text (finish_reason={choice.finish_reason!r})")
-    return choice.message.content
+TEXT_PART_TYPES = ("text", "output_text")  # content parts that carry text, in the chat and the responses API shapes
+
+
+def read_reply(body: str, content_type: str = "application/json") -> ChatReply:
+    """The text of a chat completion's first choice, read from the raw body of a 200 reply, whatever it holds.
+
+    This is the only reader of chat-completion replies: the `openai` client hands back a bare string for a body that
+    is not JSON and builds objects of any shape without validating them, so nothing downstream may assume the shape.
+    `content` may be a string or a list of parts (their text parts are joined). Raises ReplyError with its kind:
+    REPLY_NOT_A_COMPLETION for a body that is not JSON, not an object, an error object, or choices and message of the
+    wrong shape; REPLY_REFUSAL for a refusal; REPLY_NO_TEXT for no choices or a null or blank content.
+    """
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, RecursionError):  # an HTML page, an empty body, "[[[[..." deeper than the decoder
+        where = content_type or "no content type"
+        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply body is not JSON ({where}): {_snippet(body)}") from None
+    if not isinstance(data, dict):
+        raise ReplyError(
+            REPLY_NOT_A_COMPLETION, f"reply is JSON {type(data).__name__}, not an object: {_snippet(body)}"
+        )
+    if "error" in data and "choices" not in data:  # some gateways send their error with status 200
+        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply is an error object: {_snippet(json.dumps(data['error']))}")
+    choices = data.get("choices")
+    if choices == []:
+        raise ReplyError(REPLY_NO_TEXT, "reply has no choices")
+    if not isinstance(choices, list):
+        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply field 'choices' is not a list: {_snippet(body)}")
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply's first choice has no message object: {_snippet(body)}")
+    content, refusal = message.get("content"), message.get("refusal")
+    if isinstance(content, list):
+        parts = [part for part in content if isinstance(part, dict)]
+        refusal = refusal or next((p["refusal"] for p in parts if isinstance(p.get("refusal"), str)), None)
+        content = "".join(
+            p["text"] for p in parts if p.get("type") in TEXT_PART_TYPES and isinstance(p.get("text"), str)
+        )
+    if isinstance(refusal, str) and refusal.strip():
+        raise ReplyError(REPLY_REFUSAL, f"the model refused: {_snippet(refusal)}")
+    if content is not None and not isinstance(content, str):
+        raise ReplyError(
+            REPLY_NOT_A_COMPLETION, f"reply content is {type(content).__name__}, not text: {_snippet(body)}"
+        )
+    if not content or not content.strip():
+        raise ReplyError(REPLY_NO_TEXT, f"reply has no text (finish_reason={choice.get('finish_reason')!r})")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return ChatReply(content, _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")))
+
+
+def _token_count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 Sample = tuple[Image.Image, Image.Image, str]  # (original, edited, edit request)
@@ -250,8 +325,10 @@ class ChatEndpoint:
       names the caller in that message.
     - One `openai.OpenAI` client serves all threads (its HTTP connection pool is thread-safe). It retries transport
       errors itself, `max_retries` times with `timeout` seconds per attempt (module docstring, point 1).
-    - The key appears in no `repr` and no message: `redact` removes it from any text, since servers echo it back
-      ("Incorrect API key provided: ..."), and `create` raises a ChatError whose text is already redacted.
+    - `complete` sends one request and returns the reply's text (`read_reply`) or raises a ChatError (the request
+      failed after the client's retries) or a ReplyError (a 200 reply with no usable text). Nothing else escapes it.
+    - The key appears in no `repr`, no message and no reply text: `redact` removes it from any text, since servers
+      echo it back ("Incorrect API key provided: ..."), and `complete` redacts its errors and the text it returns.
 
     base_url: None means the `openai` default (api.openai.com, or $OPENAI_BASE_URL). temperature: 0 for the most
     repeatable replies; None leaves it out (for models that reject it).
@@ -285,19 +362,31 @@ class ChatEndpoint:
         name = type(self).__name__
         return f"{name}(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
 
-    def create(self, messages: list[dict], response_format: dict | None = None) -> ChatCompletion:
-        """One chat completion; the client retries transport errors itself, and what is left becomes a ChatError."""
+    def complete(self, messages: list[dict], response_format: dict | None = None) -> ChatReply:
+        """One chat completion's text (redacted). ChatError: the request failed after the client's retries.
+        ReplyError: a 200 reply with no usable text (`read_reply`). Both messages are redacted."""
         optional = {} if response_format is None else {"response_format": response_format}
         if self.temperature is not None:
             optional["temperature"] = self.temperature
         try:
-            return self._client.chat.completions.create(model=self.model, messages=messages, **optional)
+            # The raw reply, so that `read_reply` sees the body as the server sent it (see its docstring).
+            raw = self._client.chat.completions.with_raw_response.create(
+                model=self.model, messages=messages, **optional
+            )
         except openai.APITimeoutError:
             problem = f"no reply within the {self.timeout:g} s timeout ({self.max_retries} retries)"
         except openai.APIConnectionError as err:
             problem = f"connection failed ({self.max_retries} retries): {err}"
         except openai.APIStatusError as err:
             problem = f"HTTP {err.status_code}: {err.message}"
+        else:
+            try:
+                reply = read_reply(raw.text, raw.headers.get("content-type", ""))
+            except ReplyError as err:
+                kind, problem = err.kind, str(err)
+            else:
+                return ChatReply(self.redact(reply.text), reply.input_tokens, reply.output_tokens)
+            raise ReplyError(kind, self.redact(problem))  # outside the except: the unredacted error is not attached
         # Raised outside the except blocks so the openai error (whose text may echo the key) is not attached as
         # __context__; servers do echo keys back ("Incorrect API key provided: ..."), hence the redaction.
         raise ChatError(self.redact(f"{self.name}: {problem}"))
@@ -327,11 +416,14 @@ class OpenAIJudge(ChatEndpoint):
         attempts = 1 + self.parse_retries
         for _ in range(attempts):
             try:
-                response = self.create(messages, RESPONSE_FORMAT)
+                reply = self.complete(messages, RESPONSE_FORMAT)
             except ChatError as err:  # an API failure: the client has already retried it
                 raise JudgeError(str(err)) from None
+            except ReplyError as err:  # a 200 reply with no text (an HTML page, a refusal): ask again
+                last_problem = err
+                continue
             try:
-                return parse_verdict(reply_text(response))
+                return parse_verdict(reply.text)
             except JudgeError as err:  # a 200 reply that is no verdict: ask again
                 last_problem = err
         raise JudgeError(self.redact(f"{self.name}: no valid verdict in {attempts} replies; last: {last_problem}"))

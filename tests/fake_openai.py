@@ -16,6 +16,16 @@ Helpers build the usual replies: `chat_completion(text)`, `verdict(4, 3, 3)`, `r
 `server_error()`, `error(status, message)` and `slow(reply, seconds)`. Add a route (say `/v1/images/edits`) with
 `server.route("POST", "/v1/images/edits", behaviour)`.
 
+Faults. `FAULTS` names every misbehaviour of a real server, proxy or network that the callers must survive, each as
+`fault(answer, request) -> Reply`, where `answer` is the text a healthy reply would carry (a verdict, a label, a
+critique) and `request` is the request being answered (the key echo reads its Authorization header). Transport
+faults: a 503 page, a 429 without Retry-After, a connection reset, half a body, a reply slower than any test's
+timeout. Malformed 200 replies: an HTML page (from a proxy or a captive portal), HTML labelled as JSON, an empty body,
+a JSON array, an error object, no choices, `"message": null`, no text, a refusal. Answers in an unusual shape, which a
+person would read as the answer: `content` as a list of parts, prose before a fenced JSON block. And a server that
+echoes the Authorization header into an otherwise valid answer. `ANSWERING_FAULTS` are the ones that carry the
+answer; `FATAL_KEY_ECHO` is the 401 whose message echoes the key.
+
     with FakeOpenAIServer(latency=0.1) as server:
         server.enqueue(rate_limited(0.05), server_error())
         client = openai.OpenAI(base_url=server.base_url, api_key="test")
@@ -24,6 +34,8 @@ Helpers build the usual replies: `chat_completion(text)`, `verdict(4, 3, 3)`, `r
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import sys
 import threading
 import time
@@ -41,6 +53,9 @@ class Reply:
     body: object = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds to wait before answering (longer than the client's timeout = a hung server)
+    content_type: str = "application/json"
+    cut: bool = False  # announce the whole body's length, send half of it, close the connection
+    reset: bool = False  # close the connection without answering at all
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,67 @@ def slow(reply: Reply, seconds: float) -> Reply:
     return replace(reply, delay=seconds)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Faults
+
+HTML_PAGE = (
+    "<!DOCTYPE html><html><head><title>Sign in to the network</title></head><body>Accept the terms</body></html>"
+)
+HUNG_SECONDS = 3.0  # longer than the timeout every fault test gives its client
+
+
+def completion_body(message: object, *, choices: object = None) -> dict:
+    """A chat-completion body with one choice whose message is `message` (any JSON, to build malformed ones)."""
+    body = chat_completion("").body
+    body["choices"] = [{"index": 0, "message": message, "finish_reason": "stop"}] if choices is None else choices
+    return body
+
+
+def _echo_key(answer: str, request: RecordedRequest) -> Reply:
+    """The answer with the request's Authorization header written into its text (inside the JSON reason if any)."""
+    echoed = f"(the server saw {request.headers.get('authorization', '')})"
+    try:
+        payload = json.loads(answer)
+    except json.JSONDecodeError:
+        return chat_completion(f"{answer} {echoed}")
+    if isinstance(payload, dict) and "reason" in payload:
+        payload["reason"] = f"{payload['reason']} {echoed}"
+    elif isinstance(payload, dict):
+        payload = {**payload, **{name: [*items, echoed] for name, items in payload.items() if isinstance(items, list)}}
+    return chat_completion(json.dumps(payload))
+
+
+Fault = Callable[[str, RecordedRequest], Reply]
+FAULTS: dict[str, Fault] = {
+    "503 page": lambda answer, request: server_error(503),
+    "429 without Retry-After": lambda answer, request: error(429, "Rate limit reached (fake)"),
+    "connection reset": lambda answer, request: Reply(reset=True),
+    "half a body": lambda answer, request: replace(chat_completion(answer), cut=True),
+    "hung reply": lambda answer, request: slow(chat_completion(answer), HUNG_SECONDS),
+    "HTML page": lambda answer, request: Reply(200, HTML_PAGE, content_type="text/html"),
+    "HTML labelled JSON": lambda answer, request: Reply(200, HTML_PAGE),
+    "empty body": lambda answer, request: Reply(200, b""),
+    "JSON array": lambda answer, request: Reply(200, [answer]),
+    "error object with 200": lambda answer, request: Reply(200, {"error": {"message": "upstream overloaded"}}),
+    "no choices": lambda answer, request: Reply(200, completion_body(None, choices=[])),
+    "choices not a list": lambda answer, request: Reply(200, completion_body(None, choices="oops")),
+    "null message": lambda answer, request: Reply(200, completion_body(None)),
+    "null content": lambda answer, request: chat_completion(None, finish_reason="length"),
+    "refusal": lambda answer, request: chat_completion(None, refusal="I can't help with that."),
+    "content as a list of parts": lambda answer, request: Reply(
+        200, completion_body({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    ),
+    "prose before fenced JSON": lambda answer, request: chat_completion(
+        f"Here is my answer.\n\n```json\n{answer}\n```\n\nLet me know if you need more."
+    ),
+    "key echoed in the answer": _echo_key,
+}
+ANSWERING_FAULTS = {"content as a list of parts", "prose before fenced JSON", "key echoed in the answer"}
+FATAL_KEY_ECHO: Fault = lambda answer, request: error(  # noqa: E731
+    401, f"Incorrect API key provided: {request.headers.get('authorization', '').removeprefix('Bearer ')}."
+)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
 
@@ -140,6 +216,10 @@ class _Handler(BaseHTTPRequestHandler):
             reply = fake._begin(request)
             if fake._stopping.wait(reply.delay + fake.latency):
                 return  # the server is shutting down: drop the request unanswered
+            if reply.reset:  # SO_LINGER 0: closing the socket sends a TCP RST instead of a clean FIN
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                return
             body = reply.body
             if isinstance(body, dict | list):
                 body = json.dumps(body)
@@ -147,12 +227,14 @@ class _Handler(BaseHTTPRequestHandler):
                 body = body.encode()
             body = body or b""
             self.send_response(reply.status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", reply.content_type)
             self.send_header("Content-Length", str(len(body)))
             for name, value in reply.headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(body[: len(body) // 2] if reply.cut else body)
+            if reply.cut:
+                self.close_connection = True
         finally:
             fake._end()
 

@@ -132,6 +132,17 @@ def test_corrupt_image_bytes_and_null_image_come_back_with_an_error(psr_root: Pa
     assert rows[6].load_image() is not None and rows[6].error is None  # the neighbours are unaffected
 
 
+def test_an_unreadable_image_gives_the_same_reason_every_time(psr_root: Path) -> None:
+    """Two runs' failure records must be equal: a reason holds stable words, never an object repr (`<... at 0x...>`)."""
+    reasons = []
+    for _ in range(2):  # two listings stand in for two runs: each reads the bytes into a new buffer
+        row = by_row(load_benchmark("psr", psr_root))[2]
+        assert row.load_image() is None
+        reasons.append(row.error)
+    assert reasons[0] == reasons[1] and "does not decode" in reasons[0]
+    assert " at 0x" not in reasons[0] and "object" not in reasons[0]
+
+
 def test_missing_request_field_is_an_error_at_listing(psr_root: Path) -> None:
     rows = by_row(load_benchmark("psr", psr_root))
     assert rows[4].error is not None and "description" in rows[4].error and "row 4" in rows[4].error

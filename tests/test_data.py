@@ -124,6 +124,7 @@ def test_parse_label_normalises_exactly_like_rewards() -> None:
     assert data.parse_label(json.dumps(raw)) == expected
     assert expected.actions == ["recoloring"] and expected.subjects == ["coat", "hair"]
     assert data.parse_label("```json\n" + json.dumps(raw) + "\n```") == expected  # a local model's fence
+    assert data.parse_label("Sure! Here it is:\n```json\n" + json.dumps(raw) + "\n```\nDone.") == expected
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import email.parser
 import enum
 import io
 import json
+import shutil
 import sys
 import threading
 import types
@@ -26,8 +27,10 @@ import pytest
 import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 from PIL import Image
+from safetensors.torch import load_file
 
 import editors
+import evaluate
 from editors import EditError, EditorOptions, EditorSetupError
 from tiny_pipelines import save_tiny_flux_kontext, save_tiny_qwen_image_edit
 
@@ -168,6 +171,26 @@ def test_missing_flux_weights_name_the_model_and_the_gated_access(make_image) ->
 def test_missing_qwen_weights_name_the_model(make_image) -> None:
     with pytest.raises(EditorSetupError, match=r"Qwen/Qwen-Image-Edit.*hf download Qwen/Qwen-Image-Edit"):
         editors.QwenImageEditor().edit(make_image(), "anything")
+
+
+@pytest.mark.parametrize("fixture", ["flux_editor", "qwen_editor"])
+def test_a_pickle_checkpoint_is_refused_with_a_clear_message(fixture, request, tmp_path, make_image, monkeypatch):
+    """The transformer's weights as a pickle (.bin) instead of safetensors: refused before anything is unpickled."""
+    editor = request.getfixturevalue(fixture)
+    folder = tmp_path / "pickled"
+    shutil.copytree(editor.model, folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+    unpickled, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kw: unpickled.append(args) or real_load(*args, **kw))
+    with pytest.raises(EditorSetupError) as info:
+        type(editor)(tiny_options(folder)).edit(make_image(), "anything")
+    message = str(info.value)
+    assert "transformer" in message and "diffusion_pytorch_model.bin" in message and "safetensors" in message
+    assert "pickle" in message and unpickled == []
+    with pytest.raises(EditorSetupError, match="pickle"):  # evaluate.py's setup stage, before any work starts
+        evaluate.check_editor(type(editor)(tiny_options(folder)))
 
 
 @pytest.mark.parametrize("cls", [editors.FluxKontextEditor, editors.QwenImageEditor])

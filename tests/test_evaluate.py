@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fake_openai import FakeOpenAIServer, chat_completion, verdict
+from fake_openai import HTML_PAGE, FakeOpenAIServer, Reply, chat_completion, verdict
 from PIL import Image
 
 import evaluate
@@ -285,6 +285,57 @@ def test_adding_a_judge_reuses_the_edits_and_retry_redoes_only_failures(
     subscores = read_csv(out / "subscores.csv")
     assert all(row["judge errors"] == "0" and row["bad examples"] == "2" for row in subscores)
     assert all(row["judged"] == str(N_SHAPES) for row in subscores)
+
+
+def test_an_html_page_for_one_sample_is_a_recorded_failure_that_retry_failed_fills_in(
+    tmp_path: Path, shapes_manifest: Path, monkeypatch
+) -> None:
+    """A proxy answers every judge request about one example with an HTML page (status 200), and the first request
+    about another: the run finishes, the second is judged on its retry, the first is a judge-error record with the
+    reason; `--retry-failed`, the proxy gone, asks again for that one verdict only and the table has all of them.
+    The server also echoes the Authorization header into one valid verdict's reason: the key stays out of the file."""
+    secret = "sk-test-ECHOED0key0in0a0reason"
+    monkeypatch.setenv("JUDGE_API_KEY", secret)
+    lines = [json.loads(line) for line in shapes_manifest.read_text().splitlines()][:N_SHAPES]  # the readable ones
+    unlucky, glitched, echoed = lines[2], lines[5], lines[6]
+    proxy = {"on": True, "glitched": 0}
+
+    def behaviour(request):
+        asked = request.texts()[0]
+        glitch = f'Edit Request: "{glitched["request"]}"' in asked and proxy["glitched"] == 0
+        proxy["glitched"] += glitch
+        if proxy["on"] and (f'Edit Request: "{unlucky["request"]}"' in asked or glitch):
+            return Reply(200, HTML_PAGE, content_type="text/html")
+        if f'Edit Request: "{echoed["request"]}"' in asked:
+            return verdict(3, 2, 1, reason=f"fine; you sent {request.headers['authorization']}")
+        return verdict(3, 2, 1, reason="fine")
+
+    out = tmp_path / "out"
+    with FakeOpenAIServer(behaviour) as server:
+        argv = [
+            "--editor", "shapes", "--benchmark", f"shapes={shapes_manifest}", "--limit", "0", "--methods", "original",
+            "--judges", f"gpt-4o=openai:gpt-4o@{server.base_url}", "--no-progress", "--out", str(out),
+        ]  # fmt: skip
+        evaluate.main(argv)
+        records = jsonl(out / "judgements.jsonl")
+        assert sorted(r["example_id"] for r in records) == sorted(line["id"] for line in lines)
+        (failure,) = [r for r in records if r["status"] != "ok"]
+        assert failure["example_id"] == unlucky["id"] and failure["status"] == "judge-error"
+        assert "not JSON (text/html)" in failure["reason"] and "<!DOCTYPE html>" in failure["reason"]
+        assert next(r for r in records if r["example_id"] == glitched["id"])["status"] == "ok"
+        assert next(r for r in records if r["example_id"] == echoed["id"])["reason"] == (
+            "fine; you sent Bearer [redacted API key]"
+        )
+        assert secret not in (out / "judgements.jsonl").read_text()
+        assert read_csv(out / "subscores.csv")[0]["judge errors"] == "1"
+
+        proxy["on"] = False
+        asked_before = len(server.requests)
+        evaluate.main([*argv, "--retry-failed"])
+        assert len(server.requests) - asked_before == 1
+    (row,) = read_csv(out / "subscores.csv")
+    assert row["judge errors"] == "0" and row["judged"] == str(N_SHAPES)
+    assert_table_matches_records(out, ["original"], [("shapes", "gpt-4o")])
 
 
 def test_resume_with_different_edit_settings_is_refused(

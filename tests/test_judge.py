@@ -72,6 +72,17 @@ def test_parse_tolerates_json_fence_and_whitespace() -> None:
     assert parse_verdict(bare_fence).total == 0.0
 
 
+def test_parse_reads_a_fenced_block_after_prose_as_a_person_would() -> None:
+    text = (
+        "Here is my evaluation of the edit.\n\n```json\n"
+        '{"fulfilment": 3, "quality": 2, "preservation": 3, "reason": "close"}\n```\nThe sky is nearly purple.'
+    )
+    assert parse_verdict(text) == Verdict(3.0, 2.0, 3.0, "close")
+    assert judge.json_text('Verdict: ```{"a": 1}``` and ```{"a": 2}```') == '{"a": 1}'  # the first block
+    with pytest.raises(JudgeError, match="not valid JSON"):
+        parse_verdict("I would give it a 7 out of 10.")  # prose without JSON stays a parse failure
+
+
 def test_parse_clamps_out_of_range_scores_and_says_so() -> None:
     v = parse_verdict('{"fulfilment": 7, "quality": -1, "preservation": 3, "reason": "odd"}')
     assert (v.fulfilment, v.quality, v.preservation) == (4.0, 0.0, 3.0)
