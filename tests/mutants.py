@@ -28,24 +28,60 @@ FAST_TESTS = ["tests/test_grpo.py", "tests/test_rewards.py", "tests/test_tasks.p
 
 # name: (file, the exact original text, its replacement, what breaks)
 MUTANTS = {
-    "std-ddof0": ("grpo.py", "centred / (r.std(dim=1, keepdim=True) + ADV_EPS)",
-                  "centred / (r.std(dim=1, keepdim=True, correction=0) + ADV_EPS)", "population std in the advantage"),
-    "no-shift": ("grpo.py", "logits = logits[:, :-1, :].float() / temperature",
-                 "logits = logits[:, 1:, :].float() / temperature", "the one-token shift of the log-probs dropped"),
-    "goal-ignored": ("rewards.py", "w_goal_used = w_goal if use_goal else 0.0", "w_goal_used = w_goal",
-                     "use_goal=False still weights the goal"),
-    "old-not-detached": ("train.py", "else logps.detach()", "else logps",
-                         "on-policy old log-probs keep their graph: the surrogate's gradient is exactly 0"),
-    "flip-adv": ("train.py", "batch.advantages = grpo.group_advantages(",
-                 "batch.advantages = -grpo.group_advantages(", "the advantage sign flipped in the loop"),
-    "rank-denominator": ("train.py", "(denominator,) = global_sum([local], device)  # collective",
-                         "denominator = local", "each rank normalises by its own share, not the global batch"),
-    "kl-reversed": ("grpo.py", "delta = ref_per_token_logps - per_token_logps  # (B, T)",
-                    "delta = per_token_logps - ref_per_token_logps  # (B, T)", "k3 of KL(ref || pi) instead"),
-    "kl-sign": ("grpo.py", "per_token_loss = per_token_loss + beta * kl",
-                "per_token_loss = per_token_loss - beta * kl", "the KL penalty rewarded instead of charged"),
-    "clip-off": ("grpo.py", "surrogate = torch.min(ratio * adv, clipped_ratio * adv)",
-                 "surrogate = ratio * adv", "no PPO clipping"),
+    "std-ddof0": (
+        "grpo.py",
+        "centred / (r.std(dim=1, keepdim=True) + ADV_EPS)",
+        "centred / (r.std(dim=1, keepdim=True, correction=0) + ADV_EPS)",
+        "population std in the advantage",
+    ),
+    "no-shift": (
+        "grpo.py",
+        "logits = logits[:, :-1, :].float() / temperature",
+        "logits = logits[:, 1:, :].float() / temperature",
+        "the one-token shift of the log-probs dropped",
+    ),
+    "goal-ignored": (
+        "rewards.py",
+        "w_goal_used = w_goal if use_goal else 0.0",
+        "w_goal_used = w_goal",
+        "use_goal=False still weights the goal",
+    ),
+    "old-not-detached": (
+        "train.py",
+        "else logps.detach()",
+        "else logps",
+        "on-policy old log-probs keep their graph: the surrogate's gradient is exactly 0",
+    ),
+    "flip-adv": (
+        "train.py",
+        "batch.advantages = grpo.group_advantages(",
+        "batch.advantages = -grpo.group_advantages(",
+        "the advantage sign flipped in the loop",
+    ),
+    "rank-denominator": (
+        "train.py",
+        "(denominator,) = global_sum([local], device)  # collective",
+        "denominator = local",
+        "each rank normalises by its own share, not the global batch",
+    ),
+    "kl-reversed": (
+        "grpo.py",
+        "delta = ref_per_token_logps - per_token_logps  # (B, T)",
+        "delta = per_token_logps - ref_per_token_logps  # (B, T)",
+        "k3 of KL(ref || pi) instead",
+    ),
+    "kl-sign": (
+        "grpo.py",
+        "per_token_loss = per_token_loss + beta * kl",
+        "per_token_loss = per_token_loss - beta * kl",
+        "the KL penalty rewarded instead of charged",
+    ),
+    "clip-off": (
+        "grpo.py",
+        "surrogate = torch.min(ratio * adv, clipped_ratio * adv)",
+        "surrogate = ratio * adv",
+        "no PPO clipping",
+    ),
 }
 
 
@@ -87,8 +123,9 @@ def main() -> None:
     escaped = []
     for name in names:
         caught, test, seconds = run_mutant(name)
-        print(f"{name:>17}  {'caught' if caught else 'ESCAPED'}  {seconds:6.0f} s  {MUTANTS[name][3]}: {test}",
-              flush=True)
+        print(
+            f"{name:>17}  {'caught' if caught else 'ESCAPED'}  {seconds:6.0f} s  {MUTANTS[name][3]}: {test}", flush=True
+        )
         if not caught:
             escaped.append(name)
     sys.exit(1 if escaped else 0)
