@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_flags import tensorboard_scalars
 
 import data
 import policy
-from test_train_flags import tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "data" / "example" / "train.jsonl"
