@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import html
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -170,6 +172,82 @@ def test_end_to_end_run_writes_results_tables_and_report(full_run: Path, shapes_
     for r in ok:
         assert f"src='{r['image']}'" in report and f"src='{r['source_image']}'" in report
     assert "does not decode" in report and "decomposition did not parse" in report
+
+
+def _figures(report: str) -> dict[tuple[str, str], str]:
+    """(example id, method id) -> the HTML of that edit's figure, cut out of report.html with plain regexes."""
+    figures = {}
+    for section in re.findall(r"<section>(.*?)</section>", report, flags=re.S):
+        example_id = html.unescape(re.search(r"<h3>[^<]*? / ([^<]*)</h3>", section).group(1))
+        for figure in re.findall(r"<figure>(.*?)</figure>", section, flags=re.S):
+            method = re.search(r"<code>([^<]*)</code>", figure)
+            if method:
+                figures[(example_id, html.unescape(method.group(1)))] = figure
+    return figures
+
+
+def test_report_shows_each_edits_scores_decomposition_and_sub_requests(full_run: Path, tmp_path: Path) -> None:
+    # the tiny random agents write no parsable plan, so one chain-rl record is given a known decomposition and plan
+    # on disk, and the report is rebuilt from the results files as a resumed run's summary stage does
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    plan = {"actions": ["recolor", "remove"], "subjects": ["red circle", "blue <square>"], "goals": ["green", "removed"],
+            "steps": ["Recolor the red circle to green", "Remove the blue <square>"], "fallback": None}  # fmt: skip
+    plan["instructions"] = [" and ".join(plan["steps"])]
+    shard = sorted(out.glob("edits*.jsonl"))[0]
+    records = jsonl(shard)
+    target = next(r for r in records if r["method"] == "chain-rl" and r["status"] == "ok")
+    target["chain"].update(plan)
+    shard.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ids = sorted({r["example_id"] for r in all_edits(out)})
+    evaluate.write_summary(out, {"shapes": ids}, evaluate.parse_methods("original,chain,chain-rl", "single,multi"),
+                           JUDGES)  # fmt: skip
+
+    figures = _figures((out / "report.html").read_text())
+    verdicts = defaultdict(dict)
+    for j in jsonl(out / "judgements.jsonl"):
+        verdicts[(j["example_id"], j["method"])][j["judge"]] = j
+    ok = [r for r in all_edits(out) if r["status"] == "ok"]
+    assert ok and {(r["example_id"], r["method"]) for r in ok} <= set(figures)
+    for r in ok:  # every judged edit shows each judge's total and sub-scores, or says the judge failed
+        figure = figures[(r["example_id"], r["method"])]
+        for judge_label, j in verdicts[(r["example_id"], r["method"])].items():
+            if j["status"] == "ok":
+                total = j["fulfilment"] + j["quality"] + j["preservation"]
+                assert re.search(rf"{re.escape(judge_label)}: <span class='score'[^>]*>{total:.2f}</span>", figure)
+            else:
+                assert f"{html.escape(judge_label)}: <span title=" in figure and "judge error" in figure
+        if r["method"] != "original":  # what the editor was asked, in order
+            assert html.escape(" | ".join(r["chain"]["instructions"])) in figure
+    figure = figures[(target["example_id"], "chain-rl")]
+    for name in ("actions", "subjects", "goals"):  # the decomposition as the agent wrote it, escaped
+        assert f"<b>{name}</b>: {html.escape(', '.join(plan[name]))}" in figure
+    steps = re.search(r"<b>sub-requests</b>:<ol>(.*?)</ol>", figure, flags=re.S).group(1)
+    assert re.findall(r"<li>(.*?)</li>", steps) == [html.escape(step) for step in plan["steps"]]
+    assert "<square>" not in figure  # model text never becomes markup
+
+
+def test_two_worker_run_equals_the_single_process_run(full_run, shapes_manifest, server, tiny_models, tmp_path):
+    # --gpus 2 deals the examples to two worker processes with their own agents and editor, appending to their own
+    # shard files; the run must be the same run, record for record and pixel for pixel
+    out = tmp_path / "two_workers"
+    evaluate.main([*shapes_argv(out, shapes_manifest, server, tiny_models), "--gpus", "2"])
+    assert len(list(out.glob("edits*.jsonl"))) >= 2  # the workers really wrote their own shards
+
+    def edits_of(folder: Path) -> dict:
+        return {(r["example_id"], r["method"]): (r["status"], (r.get("chain") or {}).get("instructions"),
+                hashlib.sha256((folder / r["image"]).read_bytes()).hexdigest() if r["status"] == "ok" else None)
+                for r in all_edits(folder)}  # fmt: skip
+
+    def judgements_of(folder: Path) -> dict:
+        keys = ("status", "fulfilment", "quality", "preservation")
+        return {(j["example_id"], j["method"], j["judge"]): tuple(j.get(k) for k in keys)
+                for j in jsonl(folder / "judgements.jsonl")}  # fmt: skip
+
+    assert edits_of(out) == edits_of(full_run)
+    assert judgements_of(out) == judgements_of(full_run)
+    assert read_csv(out / "table1.csv") == read_csv(full_run / "table1.csv")
+    assert read_csv(out / "subscores.csv") == read_csv(full_run / "subscores.csv")
 
 
 def test_corrupt_image_and_missing_field_are_failures_with_reasons(full_run: Path) -> None:
@@ -515,3 +593,21 @@ def test_an_editor_refusal_is_an_edit_error_record_and_counted(tmp_path: Path, m
 
     cells = evaluate.summarize({"mine": ["a", "b"]}, ["original"], ["j"], evaluate.read_edits(tmp_path), {})
     assert cells[("original", "mine", "j")].edit_errors == 1 and cells[("original", "mine", "j")].missing == 1
+
+
+def test_the_design_cards_two_commands_meet(tmp_path: Path, monkeypatch, tiny_qwen25, capsys) -> None:
+    # `python train.py --gpus 8` then `python evaluate.py --editor flux`: evaluate.py reads train.py's default export
+    import train
+
+    assert evaluate.TRAIN_EXPORT == str(Path(train.Args().output_dir) / "policy")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SetupError, match="run train.py first"):
+        evaluate.default_decomposer()
+    shutil.copytree(tiny_qwen25, tmp_path / evaluate.TRAIN_EXPORT)
+    assert evaluate.default_decomposer() == evaluate.TRAIN_EXPORT
+    assert "using train.py's export runs/grpo/policy" in capsys.readouterr().err
+    # and the benchmarks come from the folder the README's download commands fill
+    assert evaluate.Args().root == "data/benchmarks"
+    assert evaluate.benchmark_root("data/benchmarks", "realedit") == "data/benchmarks"  # not there: reported below
+    (tmp_path / "data" / "benchmarks" / "realedit").mkdir(parents=True)
+    assert evaluate.benchmark_root("data/benchmarks", "realedit") == "data/benchmarks/realedit"
