@@ -6,9 +6,9 @@ to "which examples does a 1,000-sample evaluation use": `evaluation_sample(spec,
 
 Getting the data (nothing is downloaded at run time; the images are third-party photos: never commit them):
 
-    hf download --repo-type dataset taesiri/PhotoshopRequests --local-dir DIR/psr
-    hf download --repo-type dataset peter-sushko/RealEdit     --local-dir DIR/realedit
-    hf download --repo-type dataset BleachNick/UltraEdit      --local-dir DIR/ultraedit --include "data/train-0000*"
+    hf download --repo-type dataset taesiri/PhotoshopRequests --local-dir data/benchmarks/psr
+    hf download --repo-type dataset peter-sushko/RealEdit     --local-dir data/benchmarks/realedit
+    hf download --repo-type dataset BleachNick/UltraEdit      --local-dir data/benchmarks/ultraedit --include "data/train-0000*"
 
 UltraEdit is millions of rows in many shards; download a few shards (`--include`), and keep the same shards for
 evaluation and labelling, since ids name the shard. `python benchmarks.py SPEC --root DIR` prints what a copy holds:
@@ -109,8 +109,10 @@ class BenchmarkSpec:
 
     @property
     def download_command(self) -> str:
-        return f"hf download --repo-type dataset {self.hub_id} --local-dir DIR/{self.name}"
+        return f"hf download --repo-type dataset {self.hub_id} --local-dir {DEFAULT_ROOT}/{self.name}"
 
+
+DEFAULT_ROOT = "data/benchmarks"  # where the README's download commands put each benchmark, one folder each
 
 BENCHMARKS = {
     "psr": BenchmarkSpec(

@@ -20,7 +20,7 @@ empty gold list, a duplicate id, an image that does not exist, that does not dec
 exactly as training decodes it, so a corrupt pixel stream is found here, not mid-step), or that has more than
 `benchmarks.MAX_IMAGE_PIXELS` pixels.
 
-Making gold labels (`python data.py --benchmark realedit --root DIR --teacher gpt-4o --out data/rl`)
+Making gold labels (`python data.py --benchmark realedit --teacher gpt-4o --out data/rl`, from data/benchmarks/realedit)
 -------------------------------------------------------------------------------------------------
 No public set has gold actions, subjects and goals; the paper trained on up to about 4,000 examples (§4.2, gains
 flatten there). This labeller makes them from any (image, request) pairs that `benchmarks.py` can read:
@@ -163,7 +163,10 @@ def load_rl_jsonl(path: str | Path) -> list[RLExample]:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: data file not found")
+        raise DataError(
+            f"{path}: data file not found; make it with the labeller (`python data.py --benchmark "
+            f"realedit --teacher gpt-4o --out {path.parent}`), or try --train-data data/example/train.jsonl"
+        )
     examples: list[RLExample] = []
     seen: dict[str, int] = {}
     with path.open("rb") as f:
@@ -657,7 +660,8 @@ class Args:
     """Label (image, request) pairs with gold actions, subjects and goals by a teacher VLM; write train.py's JSONL."""
 
     benchmark: str = arg("realedit", "psr | realedit | ultraedit | PATH of a JSONL manifest (see benchmarks.py)")
-    root: str | None = arg(None, "folder of the benchmark's local copy (benchmarks.py says how to get each)")
+    root: str | None = arg(None, "folder of the benchmark's local copy (default: data/benchmarks/NAME, where the "
+                                 "README's download commands put it)")  # fmt: skip
     split: str | None = arg(
         None,
         "split to label; none = the benchmark's training split (RealEdit: train; PSR and "
@@ -704,6 +708,8 @@ def plan(args: Args) -> Plan:
     """List the split, leave out evaluate.py's sample, draw --limit of the rest."""
     is_benchmark = args.benchmark in benchmarks.BENCHMARKS
     split = args.split or (benchmarks.BENCHMARKS[args.benchmark].train_split if is_benchmark else None)
+    if args.root is None and is_benchmark:
+        args.root = str(Path(benchmarks.DEFAULT_ROOT) / args.benchmark)
     examples = benchmarks.load_benchmark(args.benchmark, args.root, split)
     eval_ids = set()  # --exclude-eval-limit -1: data that is never evaluated on
     if args.exclude_eval_limit >= 0:

@@ -125,6 +125,20 @@ CRITERIA = ("fulfilment", "quality", "preservation")  # the rubric's sub-scores 
 POLL_SECONDS = 0.5  # how often the main process counts the workers' records for the progress bar
 
 
+# train.py's default export (its --output-dir, runs/grpo, plus policy/): `python train.py --gpus 8` writes it and
+# `python evaluate.py --editor flux` reads it, so the design card's two commands meet without flags
+TRAIN_EXPORT = "runs/grpo/policy"
+
+
+def default_decomposer() -> str:
+    """chain-rl's decomposer when --decomposer is not given: train.py's default export, said out loud."""
+    if not (Path(TRAIN_EXPORT) / "config.json").is_file():
+        raise SetupError(f"method 'chain-rl' needs the trained decomposition agent: pass --decomposer PATH, or run "
+                         f"train.py first (its default export is {TRAIN_EXPORT})")  # fmt: skip
+    print(f"chain-rl: using train.py's export {TRAIN_EXPORT} (--decomposer PATH picks another)", file=sys.stderr)
+    return TRAIN_EXPORT
+
+
 @dataclass
 class Args:
     """Evaluate an editor alone and inside ImageEdit-R1's chain (the paper's Table 1). See the module docstring."""
@@ -135,7 +149,8 @@ class Args:
         "psr | realedit | ultraedit | PATH.jsonl (a manifest, or a file written by shapes.write_jsonl); several "
         "comma-separated; LABEL=SPEC names a column (e.g. shapes=data/shapes/test.jsonl)",
     )
-    root: str | None = arg(None, "the benchmark's local copy, or a folder with one subfolder per benchmark (DIR/psr)")
+    root: str = arg(benchmarks.DEFAULT_ROOT, "the benchmark's local copy, or a folder with one subfolder per "
+                                             "benchmark (DIR/psr), as the README's download commands fill it")  # fmt: skip
     limit: int = arg(benchmarks.DEFAULT_EVAL_LIMIT, "examples drawn per benchmark, 0 = all (paper: 1,000)")
     seed: int = arg(benchmarks.DEFAULT_EVAL_SEED, "seed of the draw and of every edit's noise")
     # the rows
@@ -144,7 +159,8 @@ class Args:
     )
     turns: str = arg("single", "single | multi | single,multi: how the chain's editor runs (paper §4.2 ablation)")
     agent_model: str = arg(PAPER_AGENT, "the untrained base VLM: the 'chain' decomposer and every chain's sequencer")
-    decomposer: str | None = arg(None, "the trained decomposition agent for 'chain-rl' (a train.py export folder)")
+    decomposer: str | None = arg(None, "the trained decomposition agent for 'chain-rl' (a train.py export folder; "
+                                       f"default: train.py's own export {TRAIN_EXPORT} when it exists)")  # fmt: skip
     sequencer: str | None = arg(None, "a different sequencing agent for both chains (default: --agent-model)")
     agent_batch_size: int = arg(agents.DEFAULT_BATCH_SIZE, "examples per agent generate call (and per edit batch)")
     max_new_tokens: int = arg(agents.DEFAULT_MAX_NEW_TOKENS, "longest agent answer, in tokens")
@@ -1334,7 +1350,7 @@ def evaluate(args: Args) -> dict[tuple[str, str, str], Cell]:
     judge_specs = parse_labelled(args.judges, "--judges")
     labels = [label for label, _ in judge_specs]
     if any(m.spec.decomposer == "trained" for m in methods) and not args.decomposer:
-        raise SetupError("method 'chain-rl' needs the trained decomposition agent: pass --decomposer PATH")
+        args.decomposer = default_decomposer()
     if any(m.spec.think for m in methods) and not args.critic:
         raise SetupError("the think methods need a critic: pass --critic SPEC (e.g. gpt-4o, local:PATH, shapes)")
     if args.max_turns < 1:

@@ -69,12 +69,13 @@ class Args:
     output_dir: str = arg("runs/grpo", "metrics, samples, checkpoints and the exported policy go here")
     # GRPO (symbols of DeepSeekMath's eq. 3)
     group_size: int = arg(8, "G: completions sampled per prompt (paper: 8)")
-    prompts_per_step: int = arg(128, "prompts per step over all ranks; B = prompts_per_step * G sequences (ours)")
+    prompts_per_step: int = arg(32, "prompts per step over all ranks; B = prompts_per_step * G sequences (a third-"
+                                    "party digest of the paper's EasyR1 run: global batch 32 prompts per update)")  # fmt: skip
     temperature: float = arg(1.0, "sampling temperature; log-probs use the same (ours)")
     top_p: float = arg(1.0, "nucleus sampling threshold; must be 1 (the full softmax that the log-probs score; "
                             "see grpo.TOP_P_ERROR)")  # fmt: skip
     max_new_tokens: int = arg(256, "longest completion in tokens (ours)")
-    lr: float = arg(1e-6, "AdamW learning rate, constant after warm-up (ours)")
+    lr: float = arg(1e-6, "AdamW learning rate, constant after warm-up (the digest: 1e-6)")
     warmup_steps: int = arg(0, "linear learning-rate warm-up steps (ours)")
     weight_decay: float = arg(1e-2, "AdamW weight decay (ours)")
     adam_eps: float = arg(1e-8, "AdamW epsilon (PyTorch's default)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +216,58 @@ def test_train_cli_reports_bad_data_and_missing_model(tmp_path):
     proc = run(["train.py", "--model", str(tmp_path / "no_such_model"), "--train-data", str(EXAMPLE),
                 "--eval-size", "8", "--gpus", "0", "--prompts-per-step", "4", "--micro-batch-size", "4"])  # fmt: skip
     assert proc.returncode == 2 and "no_such_model" in proc.stderr and "tiny.py" in proc.stderr
+
+
+def test_two_nodes_of_one_process_train_and_export(tiny_qwen25, tmp_path):
+    # the README's multi-node launch, on one host: two torchrun "nodes" (node ranks 0 and 1) of one CPU process each,
+    # meeting at a loopback rendezvous, sharing the output folder as nodes share a network file system
+    out = tmp_path / "nodes"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["--model", str(tiny_qwen25), "--train-data", str(EXAMPLE), "--eval-size", "8", "--output-dir", str(out),
+            "--prompts-per-step", "4", "--group-size", "2", "--max-new-tokens", "8", "--micro-batch-size", "4",
+            "--max-steps", "2", "--eval-every", "2", "--save-every", "0"]  # fmt: skip
+    launches = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(node),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "train.py",
+                *args,
+            ],
+            cwd=REPO,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    results = [p.communicate(timeout=300) for p in launches]
+    for p, (_, err) in zip(launches, results):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 process(es)" in results[0][0]  # one world of two ranks, not two worlds of one
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and "eval/reward" in records[1]  # rank 0 alone writes
+    assert policy.load_policy(str(out / "policy"))[0].config.model_type == "qwen2_5_vl"
+
+
+def test_missing_training_data_says_how_to_make_it(tmp_path):
+    proc = run(["train.py", "--gpus", "0", "--train-data", str(tmp_path / "rl" / "train.jsonl")])
+    assert proc.returncode == 2 and "data file not found" in proc.stderr
+    assert "python data.py --benchmark realedit" in proc.stderr and "data/example/train.jsonl" in proc.stderr
 
 
 def test_help_documents_every_flag():
