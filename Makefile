@@ -17,8 +17,10 @@ $(STAMP): requirements.txt constraints.txt
 	$(PIP) install --quiet -r requirements.txt -c constraints.txt
 	@touch $(STAMP)
 
+# Two workers, a test file each at a time (module fixtures stay in one worker): most tests run train.py, warmup.py or
+# evaluate.py in single-threaded subprocesses, so the two cores of the box are used instead of one.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	.venv/bin/ruff check .
