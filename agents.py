@@ -233,30 +233,7 @@ class SequencingResult:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Running an agent: one left-padded batch, one generate call, decode each row up to its first end-of-turn token.
-
-
-@torch.no_grad()
-def generate_texts(
-    model,
-    processor,
-    images: Sequence[Image.Image],
-    prompts: Sequence[str],
-    system: str,
-    *,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    greedy: bool = True,
-    temperature: float = 1.0,
-) -> list[str]:
-    """Generate one completion per (image, prompt) with a single batched `generate` call.
-
-    greedy=True decodes deterministically (evaluation); greedy=False samples at `temperature` with no top-k/top-p,
-    the same distribution GRPO rollouts use (seed torch's RNG beforehand for reproducibility).
-    """
-    batch = policy.encode_prompts(processor, list(images), list(prompts), system=system).to(model.device)
-    return policy.generate(
-        model, processor, batch, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature
-    )
+# Running an agent: policy.generate_texts, one left-padded batch and one generate call per chunk of examples.
 
 
 def _chunks(n: int, size: int) -> list[range]:
@@ -279,7 +256,7 @@ def decompose(
     if len(images) != len(requests):
         raise ValueError(f"decompose: {len(images)} images but {len(requests)} requests")
     prompts = [decomposition_prompt(request) for request in requests]
-    texts = generate_texts(
+    texts = policy.generate_texts(
         model,
         processor,
         images,
@@ -307,7 +284,7 @@ def sequence(
     if not len(images) == len(requests) == len(decompositions):
         raise ValueError(f"sequence: {len(images)} images, {len(requests)} requests, {len(decompositions)} decomps")
     prompts = [sequencing_prompt(request, d) for request, d in zip(requests, decompositions)]
-    texts = generate_texts(
+    texts = policy.generate_texts(
         model,
         processor,
         images,
@@ -770,7 +747,7 @@ class LocalCritic:
         texts: list[str | CriticFailure] = []
         for rows in _chunks(len(samples), self.batch_size):
             inputs = [critic_input(samples[i]) for i in rows]
-            texts += generate_texts(
+            texts += policy.generate_texts(
                 self.model,
                 self.processor,
                 [image for image, _ in inputs],

@@ -290,10 +290,6 @@ class LabelError(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def _snippet(text: str, limit: int = 200) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
 def parse_label(text: str) -> rewards.Decomposition:
     """A teacher's JSON reply -> the normalised gold decomposition, or LabelError with its reason."""
     if not text.strip():
@@ -301,15 +297,15 @@ def parse_label(text: str) -> rewards.Decomposition:
     try:
         data = json.loads(judge.json_text(text))  # bare, or fenced after some prose (local models like fences)
     except json.JSONDecodeError as e:
-        raise LabelError(REJECT_MALFORMED, f"not JSON ({e.msg} at column {e.colno}): {_snippet(text)}") from None
+        raise LabelError(REJECT_MALFORMED, f"not JSON ({e.msg} at column {e.colno}): {judge.snippet(text)}") from None
     except RecursionError:  # "[[[[..." deeper than the decoder allows
-        raise LabelError(REJECT_MALFORMED, f"JSON nested too deeply: {_snippet(text)}") from None
+        raise LabelError(REJECT_MALFORMED, f"JSON nested too deeply: {judge.snippet(text)}") from None
     if not isinstance(data, dict):
-        raise LabelError(REJECT_MALFORMED, f"JSON but not an object: {_snippet(text)}")
+        raise LabelError(REJECT_MALFORMED, f"JSON but not an object: {judge.snippet(text)}")
     for name in LABEL_FIELDS:
         value = data.get(name)
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise LabelError(REJECT_MALFORMED, f"field {name!r} is not a list of strings: {_snippet(text)}")
+            raise LabelError(REJECT_MALFORMED, f"field {name!r} is not a list of strings: {judge.snippet(text)}")
     try:
         return rewards.gold_from_lists(data["actions"], data["subjects"], data["goals"])
     except ValueError as e:  # a list with no item left after normalisation
@@ -379,19 +375,19 @@ class LocalTeacher:
     max_concurrency = 1  # one model in one process
 
     def __init__(self, path: str, *, max_new_tokens: int = 256, dtype=None, device=None) -> None:
-        import agents  # imported here: torch and transformers load only when a local teacher is asked for
-        import policy
+        import policy  # imported here: torch and transformers load only when a local teacher is asked for
 
         self.path, self.max_new_tokens = path, max_new_tokens
         self.name = f"local:{path}"
         self.model, self.processor = policy.load_policy(path, dtype=dtype, device=device)
-        self._generate_texts = agents.generate_texts  # the one batched-generation routine of the project
 
     def __repr__(self) -> str:
         return f"LocalTeacher(path={self.path!r})"
 
     def label(self, image: Image.Image, request: str) -> TeacherReply:
-        [text] = self._generate_texts(
+        from policy import generate_texts  # the one generate-and-decode path of the project
+
+        [text] = generate_texts(
             self.model,
             self.processor,
             [image],

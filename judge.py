@@ -184,7 +184,8 @@ def rubric_prompt(request: str) -> str:
 _FENCED_BLOCK = re.compile(r"```[A-Za-z0-9_-]*[ \t]*(.*?)```", re.DOTALL)  # ```json ... ```, any tag or none
 
 
-def _snippet(text: str, limit: int = 200) -> str:
+def snippet(text: str, limit: int = 200) -> str:
+    """A reply quoted in an error message: repr, cut at `limit` characters."""
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
@@ -209,26 +210,26 @@ def parse_verdict(text: str) -> Verdict:
         data = json.loads(json_text(text))
     except json.JSONDecodeError as err:
         raise JudgeError(
-            f"judge reply is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): {_snippet(text)}"
+            f"judge reply is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): {snippet(text)}"
         ) from None
     if not isinstance(data, dict):
-        raise JudgeError(f"judge reply is JSON but not an object (got {type(data).__name__}): {_snippet(text)}")
+        raise JudgeError(f"judge reply is JSON but not an object (got {type(data).__name__}): {snippet(text)}")
     missing = [key for key in [*SCORE_MAX, "reason"] if key not in data]
     if missing:
-        raise JudgeError(f"judge reply lacks field(s) {', '.join(missing)}: {_snippet(text)}")
+        raise JudgeError(f"judge reply lacks field(s) {', '.join(missing)}: {snippet(text)}")
 
     scores, clamped = {}, []
     for key, high in SCORE_MAX.items():
         value = data[key]
         # bool is an int subclass in Python; "true" is not a score.
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise JudgeError(f"judge reply field {key!r} must be a number, got {value!r}: {_snippet(text)}")
+            raise JudgeError(f"judge reply field {key!r} must be a number, got {value!r}: {snippet(text)}")
         scores[key] = float(min(max(value, 0), high))
         if scores[key] != value:
             clamped.append(f"{key} {value} -> {scores[key]:g}")
     reason = data["reason"]
     if not isinstance(reason, str):
-        raise JudgeError(f"judge reply field 'reason' must be a string, got {reason!r}: {_snippet(text)}")
+        raise JudgeError(f"judge reply field 'reason' must be a string, got {reason!r}: {snippet(text)}")
     if clamped:
         reason = f"{reason} [clamped out-of-range scores: {', '.join(clamped)}]"
     return Verdict(scores["fulfilment"], scores["quality"], scores["preservation"], reason)
@@ -271,22 +272,20 @@ def read_reply(body: str, content_type: str = "application/json") -> ChatReply:
         data = json.loads(body)
     except (json.JSONDecodeError, RecursionError):  # an HTML page, an empty body, "[[[[..." deeper than the decoder
         where = content_type or "no content type"
-        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply body is not JSON ({where}): {_snippet(body)}") from None
+        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply body is not JSON ({where}): {snippet(body)}") from None
     if not isinstance(data, dict):
-        raise ReplyError(
-            REPLY_NOT_A_COMPLETION, f"reply is JSON {type(data).__name__}, not an object: {_snippet(body)}"
-        )
+        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply is JSON {type(data).__name__}, not an object: {snippet(body)}")
     if "error" in data and "choices" not in data:  # some gateways send their error with status 200
-        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply is an error object: {_snippet(json.dumps(data['error']))}")
+        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply is an error object: {snippet(json.dumps(data['error']))}")
     choices = data.get("choices")
     if choices == []:
         raise ReplyError(REPLY_NO_TEXT, "reply has no choices")
     if not isinstance(choices, list):
-        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply field 'choices' is not a list: {_snippet(body)}")
+        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply field 'choices' is not a list: {snippet(body)}")
     choice = choices[0] if isinstance(choices[0], dict) else {}
     message = choice.get("message")
     if not isinstance(message, dict):
-        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply's first choice has no message object: {_snippet(body)}")
+        raise ReplyError(REPLY_NOT_A_COMPLETION, f"reply's first choice has no message object: {snippet(body)}")
     content, refusal = message.get("content"), message.get("refusal")
     if isinstance(content, list):
         parts = [part for part in content if isinstance(part, dict)]
@@ -295,10 +294,10 @@ def read_reply(body: str, content_type: str = "application/json") -> ChatReply:
             p["text"] for p in parts if p.get("type") in TEXT_PART_TYPES and isinstance(p.get("text"), str)
         )
     if isinstance(refusal, str) and refusal.strip():
-        raise ReplyError(REPLY_REFUSAL, f"the model refused: {_snippet(refusal)}")
+        raise ReplyError(REPLY_REFUSAL, f"the model refused: {snippet(refusal)}")
     if content is not None and not isinstance(content, str):
         raise ReplyError(
-            REPLY_NOT_A_COMPLETION, f"reply content is {type(content).__name__}, not text: {_snippet(body)}"
+            REPLY_NOT_A_COMPLETION, f"reply content is {type(content).__name__}, not text: {snippet(body)}"
         )
     if not content or not content.strip():
         raise ReplyError(REPLY_NO_TEXT, f"reply has no text (finish_reason={choice.get('finish_reason')!r})")
@@ -456,28 +455,22 @@ class LocalJudge:
     """
 
     def __init__(self, path: str, *, max_new_tokens: int = 256, dtype=None, device=None) -> None:
-        from policy import generate, load_policy  # imported here: judge.py imports no project module at import time
+        from policy import load_policy  # imported here: judge.py imports no project module (nor torch) at import time
 
         self.path, self.max_new_tokens = path, max_new_tokens
         self.name = f"local:{path}"
         self.model, self.processor = load_policy(path, dtype=dtype, device=device)
-        self._generate = generate
 
     def __repr__(self) -> str:
         return f"LocalJudge(path={self.path!r})"
 
     def generate_text(self, original: Image.Image, edited: Image.Image, request: str) -> str:
         """The model's raw reply to the rubric for one edit (greedy, at most `max_new_tokens` tokens)."""
-        content = [
-            {"type": "text", "text": rubric_prompt(request)},
-            {"type": "image"},  # the ORIGINAL image
-            {"type": "image"},  # the EDITED image
-        ]
-        messages = [{"role": "user", "content": content}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        images = [original.convert("RGB"), edited.convert("RGB")]
-        inputs = self.processor(text=[prompt], images=images, return_tensors="pt").to(self.model.device)
-        [text] = self._generate(self.model, self.processor, inputs, max_new_tokens=self.max_new_tokens)  # greedy
+        from policy import generate_texts
+
+        # one user turn: the rubric, the ORIGINAL image, the EDITED image; greedy
+        [text] = generate_texts(self.model, self.processor, [[original, edited]], [rubric_prompt(request)], None,
+                                max_new_tokens=self.max_new_tokens, text_first=True)  # fmt: skip
         return text
 
     def judge(self, original: Image.Image, edited: Image.Image, request: str) -> Verdict:

@@ -207,10 +207,15 @@ def _token_id(processor: transformers.ProcessorMixin, token: str) -> int:
     return token_id
 
 
-def chat_prompt(processor: transformers.ProcessorMixin, text: str, system: str | None = None) -> str:
-    """One user turn (image, then text) through the model's chat template, ending with the assistant header."""
+def chat_prompt(
+    processor: transformers.ProcessorMixin, text: str, system: str | None = None, *, images: int = 1, text_first=False
+) -> str:
+    """One user turn through the model's chat template, ending with the assistant header: `images` image slots, then
+    the text (the agents' layout), or the text first (the local judge's: rubric, original, edited)."""
     messages = [] if system is None else [{"role": "system", "content": system}]
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
+    slots = [{"type": "image"}] * images
+    content = [{"type": "text", "text": text}, *slots] if text_first else [*slots, {"type": "text", "text": text}]
+    messages.append({"role": "user", "content": content})
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -224,16 +229,20 @@ def _ensure_mm_token_type_ids(processor: transformers.ProcessorMixin, batch: Bat
 
 def encode_prompts(
     processor: transformers.ProcessorMixin,
-    images: list[Image.Image],
+    images: list[Image.Image] | list[list[Image.Image]],
     texts: list[str],
     system: str | None = None,
+    *,
+    text_first: bool = False,
 ) -> BatchFeature:
-    """A left-padded batch of single-image prompts ready for `model.generate` (layout in the module docstring)."""
+    """A left-padded batch of prompts ready for `model.generate` (layout in the module docstring): one image per text,
+    or a list of images per text (the local judge's two), laid out by `chat_prompt`."""
     if len(images) != len(texts):
         raise ValueError(f"encode_prompts: {len(images)} images but {len(texts)} texts; need one image per text")
-    prompts = [chat_prompt(processor, text, system) for text in texts]
+    per_text = [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
+    prompts = [chat_prompt(processor, t, system, images=len(x), text_first=text_first) for t, x in zip(texts, per_text)]
     batch = processor(
-        images=[image.convert("RGB") for image in images],
+        images=[image.convert("RGB") for x in per_text for image in x],
         text=prompts,
         padding=True,
         padding_side="left",
@@ -310,3 +319,24 @@ def generate(
     # each row's own tokens only: the padding after a short row's EOS must not reach the text
     rows = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
     return processor.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_texts(
+    model,
+    processor: transformers.ProcessorMixin,
+    images: list[Image.Image] | list[list[Image.Image]],
+    prompts: list[str],
+    system: str | None,
+    *,
+    max_new_tokens: int,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    text_first: bool = False,
+) -> list[str]:
+    """Encode (image(s), prompt) pairs as one left-padded batch and `generate` one completion each, in one call: what
+    the agents, the critic, the local judge and the local teacher all run."""
+    batch = encode_prompts(processor, list(images), list(prompts), system=system, text_first=text_first)
+    return generate(
+        model, processor, batch.to(model.device), max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature
+    )

@@ -2,7 +2,7 @@
 
 Three levels:
 1. pure functions (prompts, parse_steps, join_single_turn);
-2. the chain with scripted agents (`agents.generate_texts` replaced by a fake that answers by system prompt) and a
+2. the chain with scripted agents (`policy.generate_texts` replaced by a fake that answers by system prompt) and a
    recording editor, so every branch (single, multi, each fallback, EditError, batching) is checked exactly;
 3. the chain with the real tiny Qwen2.5-VL / Qwen3-VL policies: a random one writes junk and must fall back, and one
    briefly fine-tuned on a target answer must run the whole chain without fallback.
@@ -53,7 +53,7 @@ class RecordingEditor:
 
 
 class ScriptedAgents:
-    """Replaces agents.generate_texts: answers by system prompt, from a list of texts per agent, and records calls."""
+    """Replaces policy.generate_texts: answers by system prompt, from a list of texts per agent, and records calls."""
 
     def __init__(self, decompositions: list[str], sequencings: list[str] | None = None):
         self.answers = {
@@ -75,7 +75,7 @@ class ScriptedAgents:
 def scripted(monkeypatch):
     def install(decompositions: list[str], sequencings: list[str] | None = None) -> ScriptedAgents:
         fake = ScriptedAgents(decompositions, sequencings)
-        monkeypatch.setattr(agents, "generate_texts", fake)
+        monkeypatch.setattr(policy, "generate_texts", fake)
         return fake
 
     return install

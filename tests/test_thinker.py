@@ -312,7 +312,7 @@ def test_chain_think_starts_from_the_chain_plan_or_the_raw_request(make_image, m
         agents.SEQUENCING_SYSTEM: ["<steps>\n1. " + STEPS[0] + "\n2. " + STEPS[1] + "\n</steps>"],
     }
     monkeypatch.setattr(
-        agents, "generate_texts", lambda m, p, images, prompts, system, **kw: [answers[system].pop(0) for _ in prompts]
+        policy, "generate_texts", lambda m, p, images, prompts, system, **kw: [answers[system].pop(0) for _ in prompts]
     )
     images = [make_image(seed=0), make_image(seed=1)]
     critic = ScriptedCritic({"req0": [critique(9.5, "x")], "req1": [critique(9.5, "y")]})
@@ -345,13 +345,13 @@ def test_local_critic_shows_one_composed_image_per_prompt_and_a_junk_answer_stop
 ):
     model, processor = policy.load_policy(str(tiny_qwen25))
     seen = []
-    real = agents.generate_texts
+    real = policy.generate_texts
 
     def spy(model, processor, images, prompts, system, **kw):
         seen.append((list(images), list(prompts), system))
         return real(model, processor, images, prompts, system, **kw)
 
-    monkeypatch.setattr(agents, "generate_texts", spy)
+    monkeypatch.setattr(policy, "generate_texts", spy)
     critic = agents.LocalCritic(model, processor, max_new_tokens=6, batch_size=1)
     source = make_image(size=(56, 56))
     result, editor = think(source, critic, editor=RecordingEditor())
