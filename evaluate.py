@@ -89,7 +89,6 @@ import csv
 import fcntl
 import hashlib
 import html
-import io
 import json
 import math
 import multiprocessing
@@ -114,6 +113,7 @@ import benchmarks
 import editors
 import judge as judging
 import policy
+import records
 import shapes
 import tasks
 from cli import arg, parse_dataclass_args
@@ -208,10 +208,6 @@ EDIT_SETTINGS = (
 
 class SetupError(RuntimeError):
     """The run cannot start (a missing key, model or weights, a bad flag); the message lists every problem."""
-
-
-class ResultsFileError(ValueError):
-    """A results file has an unreadable line that a kill cannot explain; the message names file and line."""
 
 
 class HumanScoresError(ValueError):
@@ -351,34 +347,10 @@ class JudgeRecord:
         return (self.benchmark, self.example_id, self.method, self.judge)
 
 
-def read_records(path: Path, cls: type, repair: bool = False) -> list:
-    """The records of one JSONL results file, in file order.
-
-    A last line without its newline is what a kill in the middle of a write leaves: it is ignored, and with
-    repair=True cut off the file, so the next append starts on a fresh line (its work is then redone). Any other
-    line that does not parse is corruption we cannot explain: ResultsFileError naming the file and line.
-    """
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    complete = data.rfind(b"\n") + 1  # bytes up to and including the last newline
-    if complete < len(data) and repair:
-        with path.open("r+b") as f:
-            f.truncate(complete)
-        print(f"{path.name}: dropped a partial last line left by a killed run; that work is redone", file=sys.stderr)
-    records = []
-    for lineno, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
-        try:
-            records.append(cls(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise ResultsFileError(f"{path}:{lineno}: not a {cls.__name__} line ({err}): {line[:120]!r}") from None
-    return records
-
-
-def latest(records: Sequence) -> dict:
+def latest(found: Sequence) -> dict:
     """key -> record. Records repeat a key only after --retry-failed: a success wins, else the last one."""
     by_key = {}
-    for record in records:
+    for record in found:
         previous = by_key.get(record.key)
         if previous is None or previous.status != OK or record.status == OK:
             by_key[record.key] = record
@@ -391,66 +363,16 @@ def edit_files(out: Path) -> list[Path]:
 
 
 def read_edits(out: Path, repair: bool = False) -> dict[EditKey, EditRecord]:
-    return latest([r for path in edit_files(out) for r in read_records(path, EditRecord, repair)])
+    return latest([r for path in edit_files(out) for r in records.read_records(path, EditRecord, repair)])
 
 
 def read_judgements(out: Path, repair: bool = False) -> dict[JudgeKey, JudgeRecord]:
-    return latest(read_records(out / "judgements.jsonl", JudgeRecord, repair))
-
-
-class RecordLog:
-    """An append-only JSONL file: `append` returns only after the line is flushed and fsynced to disk."""
-
-    def __init__(self, path: Path) -> None:
-        self._file = path.open("a", encoding="utf-8")
-
-    def append(self, record: EditRecord | JudgeRecord) -> None:
-        self._file.write(json.dumps(asdict(record)) + "\n")  # one write: a kill leaves at most a partial last line
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def __enter__(self) -> RecordLog:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._file.close()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file atomically: a temporary name, fsync, rename. A reader (a resumed run) never sees half a file, and
-    a kill leaves the old one. Every file a resume reads is written this way, except the append-only JSONL logs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    write_atomic(path, buffer.getvalue())
-
-
-def open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def _dir_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "_"
-
-
-def file_stem(example_id: str) -> str:
-    """A file name for an id: its readable tail and a hash, so that distinct ids never share a file."""
-    return f"{_dir_name(example_id)[-60:]}-{hashlib.sha256(example_id.encode()).hexdigest()[:10]}"
+    return latest(records.read_records(out / "judgements.jsonl", JudgeRecord, repair))
 
 
 def image_path(benchmark: str, folder: str, example_id: str) -> str:
     """Where an image lives, relative to --out: images/<benchmark>/<method id or 'source'>/<stem>.png."""
-    return f"images/{_dir_name(benchmark)}/{_dir_name(folder)}/{file_stem(example_id)}.png"
+    return f"images/{records.safe_name(benchmark)}/{records.safe_name(folder)}/{records.file_stem(example_id)}.png"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -780,7 +702,7 @@ def run_edits(
     """Edit every task, a batch of examples at a time, appending one EditRecord per (example, method)."""
     out = Path(args.out)
     runner = MethodRunner(args, editor)
-    with RecordLog(log_path) as log:
+    with records.RecordLog(log_path) as log:
         for batch in _chunks(tasks, args.agent_batch_size):
             ready = []  # (task, image, source image path)
             for task in batch:
@@ -793,7 +715,7 @@ def run_edits(
                     continue
                 source = image_path(task.benchmark, "source", task.example.id)
                 if not (out / source).is_file():
-                    save_png(image, out / source)
+                    records.save_png(image, out / source)
                 ready.append((task, image, source))
             for method in methods:
                 rows = [row for row in ready if method.id in row[0].methods]
@@ -830,7 +752,7 @@ def bad_example_record(task: Task, method_id: str) -> EditRecord:
 
 def turn_image_path(benchmark: str, method_id: str, example_id: str, turn: int) -> str:
     """Where a think row's turn image lives, relative to --out: images/<benchmark>/<method>/turns/<stem>.turn<k>.png."""
-    return f"images/{_dir_name(benchmark)}/{_dir_name(method_id)}/turns/{file_stem(example_id)}.turn{turn}.png"
+    return f"images/{records.safe_name(benchmark)}/{records.safe_name(method_id)}/turns/{records.file_stem(example_id)}.turn{turn}.png"
 
 
 def edit_record(
@@ -840,14 +762,14 @@ def edit_record(
     edited = None
     if result.final_image is not None:
         edited = image_path(task.benchmark, method.id, task.example.id)
-        save_png(result.final_image, out / edited)
+        records.save_png(result.final_image, out / edited)
     summary = result.summary()
     if isinstance(result, agents.ThinkResult):
         for turn, turn_summary in zip(result.turns, summary["turns"]):
             turn_summary["image"] = None
             if turn.image is not None:
                 turn_summary["image"] = turn_image_path(task.benchmark, method.id, task.example.id, turn.number)
-                save_png(turn.image, out / turn_summary["image"])
+                records.save_png(turn.image, out / turn_summary["image"])
     status = OK if result.edit_error is None else EDIT_ERROR
     return EditRecord(
         benchmark=task.benchmark,
@@ -924,10 +846,12 @@ def judge_record(edit: EditRecord, label: str, result: judging.Verdict | judging
 def run_judgements(todo: dict[str, list[EditRecord]], judges: dict, args: Args, bar) -> None:
     """Judge each label's edits in batches; a batch's records are appended as soon as it returns."""
     out = Path(args.out)
-    with RecordLog(out / "judgements.jsonl") as log:
+    with records.RecordLog(out / "judgements.jsonl") as log:
         for label, edits in todo.items():
             for batch in _chunks(edits, JUDGE_BATCH_PER_WORKER * args.judge_concurrency):
-                samples = [(open_rgb(out / e.source_image), open_rgb(out / e.image), e.request) for e in batch]
+                samples = [
+                    (records.open_rgb(out / e.source_image), records.open_rgb(out / e.image), e.request) for e in batch
+                ]
                 results = judges[label].judge_many(samples, progress=bar.update)
                 for edit, result in zip(batch, results):
                     log.append(judge_record(edit, label, result))
@@ -1187,8 +1111,8 @@ def write_report(
     sections = []
     for benchmark, ids in samples.items():
         for example_id in ids:
-            records = [edits.get((benchmark, example_id, m.id)) for m in methods]
-            known = [r for r in records if r is not None]
+            found = [edits.get((benchmark, example_id, m.id)) for m in methods]
+            known = [r for r in found if r is not None]
             if not known:
                 continue
             source = next((r.source_image for r in known if r.source_image), None)
@@ -1198,7 +1122,7 @@ def write_report(
                 original = f"<div class='failed'>the example could not be read:<br>{_e(known[0].reason)}</div>"
             figures = [
                 _edit_figure(m, r, [(j, judgements.get((benchmark, example_id, m.id, j))) for j in judges])
-                for m, r in zip(methods, records)
+                for m, r in zip(methods, found)
             ]
             sections.append(
                 f"<section><h3>{_e(benchmark)} / {_e(example_id)}</h3><p>Request: <q>{_e(known[0].request)}</q></p>"
@@ -1371,7 +1295,7 @@ def evaluate(args: Args) -> dict[tuple[str, str, str], Cell]:
             raise SetupError("cannot resume, nothing was run:\n  - " + "\n  - ".join(problems))
         to_edit = {method_id for task in tasks for method_id in task.methods}
         editor, judges = preflight(args, judge_specs, [m for m in methods if m.id in to_edit])
-        write_atomic(out / "run.json", (json.dumps(asdict(args), indent=2) + "\n").encode())
+        records.write_atomic(out / "run.json", (json.dumps(asdict(args), indent=2) + "\n").encode())
 
         # 1. Edits. The bar counts edits and judgements; it first assumes every new edit succeeds and gets judged.
         n_edits = sum(len(task.methods) for task in tasks)
@@ -1405,6 +1329,6 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (SetupError, benchmarks.BenchmarkError, HumanScoresError, ResultsFileError) as err:
+    except (SetupError, benchmarks.BenchmarkError, HumanScoresError, records.RecordFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)  # bad input or setup, as train.py and data.py report it

@@ -36,6 +36,7 @@ from fake_openai import HTML_PAGE, FakeOpenAIServer, Reply, chat_completion, ver
 from PIL import Image
 
 import evaluate
+import records
 import shapes
 from benchmarks import EditExample
 from editors import EditError
@@ -506,17 +507,17 @@ def test_missing_keys_weights_and_models_are_reported_before_any_work(
 def test_results_reader_cuts_a_partial_last_line_and_rejects_a_corrupt_one(tmp_path: Path) -> None:
     path = tmp_path / "judgements.jsonl"
     record = evaluate.JudgeRecord("b", "x", "original", "j", "ok", "fine", 4.0, 3.0, 3.0, 10.0)
-    with evaluate.RecordLog(path) as log:
+    with records.RecordLog(path) as log:
         log.append(record)
     whole = path.read_bytes()
     path.write_bytes(whole + b'{"benchmark": "b", "exam')
-    assert evaluate.read_records(path, evaluate.JudgeRecord) == [record]  # read-only: the file is left alone
+    assert records.read_records(path, evaluate.JudgeRecord) == [record]  # read-only: the file is left alone
     assert path.read_bytes() != whole
-    assert evaluate.read_records(path, evaluate.JudgeRecord, repair=True) == [record]
+    assert records.read_records(path, evaluate.JudgeRecord, repair=True) == [record]
     assert path.read_bytes() == whole
     path.write_bytes(b"not json\n" + whole)
-    with pytest.raises(evaluate.ResultsFileError, match="judgements.jsonl:1"):
-        evaluate.read_records(path, evaluate.JudgeRecord)
+    with pytest.raises(records.RecordFileError, match="judgements.jsonl:1"):
+        records.read_records(path, evaluate.JudgeRecord)
 
 
 # --- human alignment --------------------------------------------------------------------------------------------------
@@ -529,7 +530,7 @@ def test_human_alignment_matches_a_hand_computation(tmp_path: Path) -> None:
         ("e3", "chain-rl"): {"gpt-4o": (1, 1, 2), "gemini": (0, 1, 1)},
         ("e4", "chain-rl"): {"gpt-4o": (3, 0, 0)},  # gemini failed on this one: not paired
     }
-    with evaluate.RecordLog(tmp_path / "judgements.jsonl") as log:
+    with records.RecordLog(tmp_path / "judgements.jsonl") as log:
         for (example, method), by_judge in judge_scores.items():
             for label, (f, q, p) in by_judge.items():
                 log.append(evaluate.JudgeRecord("bench", example, method, label, "ok", "", f, q, p, f + q + p))
