@@ -91,7 +91,7 @@ ABLATION_ROWS = {
 }
 CRITERIA = ("fulfilment", "quality", "preservation", "total")
 REWARD_COMPONENTS = ("reward", "format", "action", "subject", "goal")  # train.py's metrics: <name>_mean, eval/<name>
-THINKER_COMPONENTS = ("reward", "format", "score", "gain")  # the thinker's (tasks.ThinkerTask)
+THINKER_COMPONENTS = ("reward", "format", "score", "gain")  # the thinker's (thinker.ThinkerTask)
 # The thinker rows: evaluate.py method ids, which thinker critiques, and how results.md names them.
 THINK_METHODS = ("think", "chain-rl+think")
 THINK_ROWS = {
@@ -366,7 +366,7 @@ def read_scores(eval_dir: Path) -> dict[str, dict[str, float]]:
                 continue
             if chain.get("fallback"):
                 rows[method]["fallbacks"] += 1
-            if "turns" in chain and "best_turn" in chain:  # a think row: agents.ThinkResult.summary()
+            if "turns" in chain and "best_turn" in chain:  # a think row: thinker.ThinkResult.summary()
                 n, edits, later = think.get(method, (0, 0, 0))
                 think[method] = (n + 1, edits + len(chain["turns"]), later + int((chain["best_turn"] or 1) > 1))
     for method, (n, edits, later) in think.items():

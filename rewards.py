@@ -177,8 +177,8 @@ def action_key(s: str) -> str:
     return " ".join(_action_word_key(w) for w in normalise_item(s).split())
 
 
-def _json_string_list(body: str) -> list[str] | None:
-    """The strings of `body` if it is a JSON list of strings, else None."""
+def json_string_list(body: str) -> list[str] | None:
+    """The strings of `body` if it is a JSON list of strings, else None (the lists and the sequencer's steps)."""
     if not (body.startswith("[") and body.endswith("]")):
         return None
     try:
@@ -201,7 +201,7 @@ def _split_text_list(body: str) -> list[str]:
 def parse_items(body: str) -> list[str]:
     """The inside of one list tag -> normalised, de-duplicated items (see the module docstring for the forms)."""
     body = body.strip()
-    raw = _json_string_list(body)
+    raw = json_string_list(body)
     return _dedupe(raw if raw is not None else _split_text_list(body))
 
 
@@ -248,8 +248,9 @@ def _render_items(items: Iterable[str] | str) -> str:
     return json.dumps(items, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
 
 
-def _neutralise_tags(think: str) -> str:
-    return _TAG_RE.sub(lambda m: "&lt;" + m.group(0)[1:], think)
+def _neutralise_tags(text: str, tags: re.Pattern = _TAG_RE) -> str:
+    """Write the `<` of every tag string in `text` as `&lt;`, so no text can open or close a block."""
+    return tags.sub(lambda m: "&lt;" + m.group(0)[1:], text)
 
 
 def render_decomposition(think: str, actions: Iterable[str], subjects: Iterable[str], goals: Iterable[str]) -> str:
@@ -422,3 +423,13 @@ def critique_format_reward(text: str) -> float:
     if not think.strip() or _critique_score(score) is None or not _usable_instruction(instruction):
         return 0.0
     return 1.0
+
+
+def render_critique(think: str, score: float, instruction: str) -> str:
+    """A critique in the canonical format (earns critique_format_reward 1 when think and instruction are not blank).
+
+    The score is rounded to one decimal and written without a trailing ".0"; tag strings inside the reasoning or the
+    instruction are neutralised (`<` -> `&lt;`) so no text can forge a block.
+    """
+    think, instruction = (_neutralise_tags(t.strip(), _CRITIQUE_TAG_RE) for t in (think, instruction))
+    return f"<think>{think}</think>\n<score>{round(score, 1):g}</score>\n<instruction>{instruction}</instruction>"

@@ -297,10 +297,13 @@ def rank_examples(train_set: list, step: int, args: Args, rank: int, local_promp
 
 
 def build_task(args: Args) -> tasks.Task:
-    """The agent being trained: its prompts and its reward (tasks.py)."""
+    """The agent being trained: its prompts and its reward (tasks.py; the thinker's in thinker.py)."""
     if args.agent == "think":
-        return tasks.ThinkerTask(tasks.make_editor(args.editor), tasks.make_judge(args.judge),
-                                 w_format=args.w_format, w_score=args.w_score, w_gain=args.w_gain)  # fmt: skip
+        import specs  # imported here: the thinker's editor and judge (and the openai client) load only for it
+        import thinker
+
+        return thinker.ThinkerTask(specs.make_editor(args.editor), specs.make_judge(args.judge),
+                                   w_format=args.w_format, w_score=args.w_score, w_gain=args.w_gain)  # fmt: skip
     return tasks.DecompositionTask(w_format=args.w_format, w_action=args.w_action, w_subject=args.w_subject,
                                    w_goal=args.w_goal, use_goal=args.use_goal)  # fmt: skip
 

@@ -11,7 +11,7 @@ sequencing agent is the instruction-tuned base model, never trained; this warm-u
 
 EditThinker's critic-refiner is warmed up the same way (`--agent think`, as EditThinker's SFT stage precedes its RL):
 its input is the source and turn 1 (the source edited with the raw request) side by side, and its target critique
-(tasks.ThinkerTask.warmup_target) gives the judged score of turn 1 and the gold sub-requests as the instruction.
+(thinker.ThinkerTask.warmup_target) gives the judged score of turn 1 and the gold sub-requests as the instruction.
 
     python warmup.py --model tiny/qwen2_5_vl --train-data data/example/train.jsonl --out runs/warm --steps 60
     python warmup.py --agent think --editor shapes --judge shapes --out runs/thinker_warm ...
@@ -27,10 +27,12 @@ from typing import Literal
 import torch
 
 import agents
+import critics
 import data
 import policy
 import rewards
-import tasks
+import specs
+import thinker
 from cli import arg, parse_dataclass_args
 
 
@@ -40,8 +42,8 @@ class Args:
 
     agent: Literal["decompose", "think"] = arg("decompose", "decompose: the decomposition (and sequencing) agent; "
                                                "think: EditThinker's critic-refiner (needs 'subrequests')")  # fmt: skip
-    editor: str = arg("shapes", "think: the editor that makes turn 1 (tasks.make_editor)")
-    judge: str = arg("shapes", "think: the judge that scores turn 1 (tasks.make_judge)")
+    editor: str = arg("shapes", "think: the editor that makes turn 1 (specs.make_editor)")
+    judge: str = arg("shapes", "think: the judge that scores turn 1 (specs.make_judge)")
     model: str = arg("tiny/qwen2_5_vl", "policy to warm up (a tiny model folder from `python tiny.py DIR`)")
     train_data: str = arg("data/example/train.jsonl", "RL examples (data.py format); their gold labels are targets")
     out: str = arg("runs/warmup", "where the warmed-up policy is saved (a from_pretrained folder)")
@@ -92,12 +94,12 @@ def supervised_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[st
     return pairs
 
 
-def thinker_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[str]], task: tasks.ThinkerTask):
+def thinker_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[str]], task: thinker.ThinkerTask):
     """(image, system, prompt, target) for each example's critique of its turn 1."""
     pairs = []
     for e in chunk:
         image, prompt, target = task.warmup_target(e, subrequests[e.id])
-        pairs.append((image, agents.CRITIC_SYSTEM, prompt, target))
+        pairs.append((image, critics.CRITIC_SYSTEM, prompt, target))
     return pairs
 
 
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
     examples = data.load_rl_jsonl(args.train_data)[: args.max_examples]
     thinker = None
     if args.agent == "think":
-        thinker = tasks.ThinkerTask(tasks.make_editor(args.editor), tasks.make_judge(args.judge))
+        thinker = thinker.ThinkerTask(specs.make_editor(args.editor), specs.make_judge(args.judge))
         subrequests = read_subrequests(args.train_data)
         examples = [e for e in examples if e.id in subrequests]
         if not examples:

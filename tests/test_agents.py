@@ -175,7 +175,9 @@ def test_single_turn_sends_one_joined_instruction(scripted, make_image):
     fake = scripted([GOOD_DECOMPOSITION], [GOOD_STEPS])
     editor = RecordingEditor()
     image = make_image()
-    result = agents.run_chain(image, REQUEST, editor, decomposer=FAKE_AGENT, turns="single", seed=7)
+    result = agents.run_chain(
+        image, REQUEST, editor, decomposer=FAKE_AGENT, seed=7, settings=agents.ChainSettings(turns="single")
+    )
 
     assert [(img, text, seed) for img, text, seed in editor.calls] == [(image, agents.join_single_turn(STEPS), 7)]
     assert result.method == "single" and result.fallback is None and result.edit_error is None
@@ -194,7 +196,9 @@ def test_multi_turn_edits_each_step_in_order_on_the_previous_output(scripted, ma
     scripted([GOOD_DECOMPOSITION], [three])
     editor = RecordingEditor()
     image = make_image()
-    result = agents.run_chain(image, REQUEST, editor, decomposer=FAKE_AGENT, turns="multi", seed=3)
+    result = agents.run_chain(
+        image, REQUEST, editor, decomposer=FAKE_AGENT, seed=3, settings=agents.ChainSettings(turns="multi")
+    )
 
     assert [text for _, text, _ in editor.calls] == ["a", "b", "c"]
     assert [seed for _, _, seed in editor.calls] == [3, 3, 3]
@@ -218,7 +222,9 @@ def test_unusable_agent_output_falls_back_to_one_raw_edit(
 ):
     fake = scripted([decomposition], None if sequencing is None else [sequencing])
     editor = RecordingEditor()
-    result = agents.run_chain(make_image(), REQUEST, editor, decomposer=FAKE_AGENT, turns=turns)
+    result = agents.run_chain(
+        make_image(), REQUEST, editor, decomposer=FAKE_AGENT, settings=agents.ChainSettings(turns=turns)
+    )
 
     assert result.fallback == reason
     assert [text for _, text, _ in editor.calls] == [REQUEST] and result.instructions == [REQUEST]
@@ -230,7 +236,9 @@ def test_unusable_agent_output_falls_back_to_one_raw_edit(
 def test_edit_error_is_recorded_not_raised(scripted, make_image):
     scripted([GOOD_DECOMPOSITION], [GOOD_STEPS])
     editor = RecordingEditor(fail_on_call=2)
-    result = agents.run_chain(make_image(), REQUEST, editor, decomposer=FAKE_AGENT, turns="multi")
+    result = agents.run_chain(
+        make_image(), REQUEST, editor, decomposer=FAKE_AGENT, settings=agents.ChainSettings(turns="multi")
+    )
 
     assert "EditError" in result.edit_error and "blocked by the safety filter" in result.edit_error
     assert STEPS[1] in result.edit_error  # names the sub-request that failed
@@ -248,7 +256,9 @@ def test_other_editor_exceptions_propagate(scripted, make_image):
 def test_long_plans_are_cut_to_max_steps(scripted, make_image):
     scripted([GOOD_DECOMPOSITION], ["<steps>" + "\n".join(f"{i}. step {i}" for i in range(1, 11)) + "</steps>"])
     editor = RecordingEditor()
-    result = agents.run_chain(make_image(), REQUEST, editor, decomposer=FAKE_AGENT, turns="multi", max_steps=3)
+    result = agents.run_chain(
+        make_image(), REQUEST, editor, decomposer=FAKE_AGENT, settings=agents.ChainSettings(turns="multi", max_steps=3)
+    )
     assert [text for _, text, _ in editor.calls] == ["step 1", "step 2", "step 3"]
     assert result.steps == ["step 1", "step 2", "step 3"] and result.dropped_steps == 7
 
@@ -271,7 +281,7 @@ def test_batch_sequences_only_parsed_examples_in_chunks_and_keeps_order(scripted
     requests = [f"request {i}" for i in range(5)]
     sequencer = ("seq-model", "seq-processor")
     results = agents.run_chain_batch(
-        images, requests, editor, decomposer=FAKE_AGENT, sequencer=sequencer, seed=range(10, 15), batch_size=2
+        images, requests, editor, FAKE_AGENT, sequencer, agents.ChainSettings(batch_size=2), seed=range(10, 15)
     )
 
     assert [len(p) for p in fake.prompts_of(agents.DECOMPOSITION_SYSTEM)] == [2, 2, 1]
@@ -296,7 +306,9 @@ def test_batch_rejects_mismatched_inputs(make_image):
     with pytest.raises(ValueError, match="2 images but 1 requests"):
         agents.run_chain_batch([make_image()] * 2, ["a"], RecordingEditor(), decomposer=FAKE_AGENT)
     with pytest.raises(ValueError, match="turns must be"):
-        agents.run_chain_batch([make_image()], ["a"], RecordingEditor(), decomposer=FAKE_AGENT, turns="both")
+        agents.run_chain_batch(
+            [make_image()], ["a"], RecordingEditor(), decomposer=FAKE_AGENT, settings=agents.ChainSettings(turns="both")
+        )
     with pytest.raises(ValueError, match="3 seeds for 1 examples"):
         agents.run_chain_batch([make_image()], ["a"], RecordingEditor(), decomposer=FAKE_AGENT, seed=[1, 2, 3])
 
@@ -334,7 +346,9 @@ def test_chain_with_random_tiny_policy_falls_back(tiny_path, make_image, turns):
     decomposer, sequencer = agents.load_agents(tiny_path)
     editor = RecordingEditor()
     image = make_image()
-    result = agents.run_chain(image, REQUEST, editor, decomposer=decomposer, turns=turns, max_new_tokens=16)
+    result = agents.run_chain(
+        image, REQUEST, editor, decomposer=decomposer, settings=agents.ChainSettings(turns=turns, max_new_tokens=16)
+    )
     assert result.fallback == agents.FALLBACK_DECOMPOSITION and result.decomposition is None
     assert result.decomposition_text  # the junk is kept for inspection
     assert editor.calls == [(image, REQUEST, 0)] and result.final_image is editor.outputs[0]
@@ -348,7 +362,7 @@ def test_real_tiny_sequencer_junk_falls_back(tiny_path, make_image, monkeypatch)
     sequencer = policy.load_policy(tiny_path)
     editor = RecordingEditor()
     result = agents.run_chain(
-        make_image(), REQUEST, editor, decomposer=FAKE_AGENT, sequencer=sequencer, max_new_tokens=16
+        make_image(), REQUEST, editor, FAKE_AGENT, sequencer, agents.ChainSettings(max_new_tokens=16)
     )
     assert result.fallback == agents.FALLBACK_SEQUENCING and result.sequencing_text
     assert result.seconds.sequence > 0
@@ -403,7 +417,13 @@ def test_chain_with_fine_tuned_tiny_policy_runs_every_agent(fine_tuned, turns):
     """The real chain on a policy that writes valid answers: both agents parse, no fallback, the plan is edited."""
     model, processor, image = fine_tuned
     editor = RecordingEditor()
-    result = agents.run_chain(image, FT_REQUEST, editor, decomposer=(model, processor), turns=turns, max_new_tokens=48)
+    result = agents.run_chain(
+        image,
+        FT_REQUEST,
+        editor,
+        decomposer=(model, processor),
+        settings=agents.ChainSettings(turns=turns, max_new_tokens=48),
+    )
     assert result.fallback is None, result.summary()
     assert result.decomposition == rewards.parse_decomposition(FT_DECOMPOSITION) and result.steps == FT_STEPS
     expected = [agents.join_single_turn(FT_STEPS)] if turns == "single" else FT_STEPS
@@ -452,7 +472,13 @@ def test_chain_with_fine_tuned_policy_and_each_real_tiny_diffusers_editor(fine_t
     options = EditorOptions(model=str(tiny_editor_folders[name]), steps=2, dtype="float32", device="cpu")
     editor = RecordingWrapper(make_editor(name, options))
     model, processor, image = fine_tuned
-    result = agents.run_chain(image, FT_REQUEST, editor, decomposer=(model, processor), turns=turns, max_new_tokens=48)
+    result = agents.run_chain(
+        image,
+        FT_REQUEST,
+        editor,
+        decomposer=(model, processor),
+        settings=agents.ChainSettings(turns=turns, max_new_tokens=48),
+    )
 
     assert result.fallback is None and result.edit_error is None
     expected = [agents.join_single_turn(FT_STEPS)] if turns == "single" else FT_STEPS

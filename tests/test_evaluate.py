@@ -37,10 +37,11 @@ from PIL import Image
 
 import evaluate
 import records
+import results
 import shapes
 from benchmarks import EditExample
 from editors import EditError
-from evaluate import SetupError
+from results import SetupError
 
 REPO = Path(__file__).resolve().parents[1]
 N_SHAPES = 8  # readable shapes examples; the manifest adds two broken ones
@@ -201,7 +202,7 @@ def test_report_shows_each_edits_scores_decomposition_and_sub_requests(full_run:
     target["chain"].update(plan)
     shard.write_text("".join(json.dumps(r) + "\n" for r in records))
     ids = sorted({r["example_id"] for r in all_edits(out)})
-    evaluate.write_summary(out, {"shapes": ids}, evaluate.parse_methods("original,chain,chain-rl", "single,multi"),
+    evaluate.write_summary(out, {"shapes": ids}, results.parse_methods("original,chain,chain-rl", "single,multi"),
                            JUDGES)  # fmt: skip
 
     figures = _figures((out / "report.html").read_text())
@@ -506,18 +507,18 @@ def test_missing_keys_weights_and_models_are_reported_before_any_work(
 
 def test_results_reader_cuts_a_partial_last_line_and_rejects_a_corrupt_one(tmp_path: Path) -> None:
     path = tmp_path / "judgements.jsonl"
-    record = evaluate.JudgeRecord("b", "x", "original", "j", "ok", "fine", 4.0, 3.0, 3.0, 10.0)
+    record = results.JudgeRecord("b", "x", "original", "j", "ok", "fine", 4.0, 3.0, 3.0, 10.0)
     with records.RecordLog(path) as log:
         log.append(record)
     whole = path.read_bytes()
     path.write_bytes(whole + b'{"benchmark": "b", "exam')
-    assert records.read_records(path, evaluate.JudgeRecord) == [record]  # read-only: the file is left alone
+    assert records.read_records(path, results.JudgeRecord) == [record]  # read-only: the file is left alone
     assert path.read_bytes() != whole
-    assert records.read_records(path, evaluate.JudgeRecord, repair=True) == [record]
+    assert records.read_records(path, results.JudgeRecord, repair=True) == [record]
     assert path.read_bytes() == whole
     path.write_bytes(b"not json\n" + whole)
     with pytest.raises(records.RecordFileError, match="judgements.jsonl:1"):
-        records.read_records(path, evaluate.JudgeRecord)
+        records.read_records(path, results.JudgeRecord)
 
 
 # --- human alignment --------------------------------------------------------------------------------------------------
@@ -533,8 +534,8 @@ def test_human_alignment_matches_a_hand_computation(tmp_path: Path) -> None:
     with records.RecordLog(tmp_path / "judgements.jsonl") as log:
         for (example, method), by_judge in judge_scores.items():
             for label, (f, q, p) in by_judge.items():
-                log.append(evaluate.JudgeRecord("bench", example, method, label, "ok", "", f, q, p, f + q + p))
-        log.append(evaluate.JudgeRecord("bench", "e4", "chain-rl", "gemini", "judge-error", "timeout"))
+                log.append(results.JudgeRecord("bench", example, method, label, "ok", "", f, q, p, f + q + p))
+        log.append(results.JudgeRecord("bench", "e4", "chain-rl", "gemini", "judge-error", "timeout"))
     human_rows = [  # e1 has two raters: their mean is the human score
         ("e1", "original", 4, 2, 3), ("e1", "original", 3, 3, 2), ("e2", "original", 2, 1, 1),
         ("e3", "chain-rl", 1, 1, 3), ("e4", "chain-rl", 2, 0, 1), ("e9", "original", 4, 3, 3),
@@ -580,8 +581,8 @@ def test_an_editor_refusal_is_an_edit_error_record_and_counted(tmp_path: Path, m
         EditExample("b", make_image(seed=2), "do the forbidden thing", "manifest"),
     ]
     args = evaluate.Args(out=str(tmp_path), methods="original", judges="unused")
-    methods = evaluate.parse_methods(args.methods, args.turns)
-    tasks = evaluate.plan_edits({"mine": examples}, methods, done=set())
+    methods = results.parse_methods(args.methods, args.turns)
+    tasks = evaluate.pending_edits({"mine": examples}, methods, done=set())
     evaluate.run_edits(tasks, args, methods, RefusingEditor(), tmp_path / "edits.jsonl")
 
     records = {r["example_id"]: r for r in jsonl(tmp_path / "edits.jsonl")}
@@ -592,7 +593,7 @@ def test_an_editor_refusal_is_an_edit_error_record_and_counted(tmp_path: Path, m
     assert "blocked by the safety filter" in records["b"]["reason"]
     assert (tmp_path / records["b"]["source_image"]).is_file()  # the original is kept for the report
 
-    cells = evaluate.summarize({"mine": ["a", "b"]}, ["original"], ["j"], evaluate.read_edits(tmp_path), {})
+    cells = results.summarize({"mine": ["a", "b"]}, ["original"], ["j"], results.read_edits(tmp_path), {})
     assert cells[("original", "mine", "j")].edit_errors == 1 and cells[("original", "mine", "j")].missing == 1
 
 

@@ -1,6 +1,6 @@
 """Every OpenAI-compatible caller against every fault of tests/fake_openai.py's catalogue (`FAULTS`).
 
-The callers: the judge (`judge.OpenAIJudge`), the critic (`evaluate.OpenAICritic`), the labelling teacher
+The callers: the judge (`judge.OpenAIJudge`), the critic (`critics.OpenAICritic`), the labelling teacher
 (`data.OpenAITeacher`) and the GPT-Image editor (`editors.GPTImageEditor`). Each fault is tried twice per caller:
 once (the next request is healthy) and always (every request of that sample gets it). The contract: each sample ends
 as an answer (a verdict, a critique, a label, an image), possibly after a retry, or as the caller's typed, recorded
@@ -33,11 +33,13 @@ from fake_openai import (
 )
 from PIL import Image
 
-import agents
+import critics
 import data
 import editors
 import evaluate
 import judge
+import results
+import rewards
 from benchmarks import EditExample
 from judge import JudgeFailure, Verdict
 
@@ -46,7 +48,7 @@ SECRET = "sk-test-FAULTS9distinctive0key"
 ENDPOINT = {"api_key_env": KEY_ENV, "max_retries": 1, "timeout": 0.5}
 VERDICT = {"fulfilment": 3, "quality": 2, "preservation": 1, "reason": "the sky is purple"}
 LABEL = {"actions": ["Recoloring"], "subjects": ["sky"], "goals": ["purple"]}
-CRITIQUE = agents.render_critique("The sky is still blue.", 4, "Make the sky purple")
+CRITIQUE = rewards.render_critique("The sky is still blue.", 4, "Make the sky purple")
 TALLY: Counter = Counter()  # faults tried and survived, by caller, for the closing figures
 
 
@@ -135,22 +137,22 @@ def test_judge_mixed_batch_of_faults_and_healthy_samples_loses_nothing(images) -
 @pytest.mark.parametrize(("name", "mode"), CASES)
 def test_critic_turns_each_fault_into_text_or_a_recorded_failure(name, mode, images) -> None:
     TALLY["tried"] += 1
-    sample = agents.CritiqueSample(*images, "make the sky purple", "make the sky purple")
+    sample = critics.CritiqueSample(*images, "make the sky purple", "make the sky purple")
     with FakeOpenAIServer(faulty(FAULTS[name], CRITIQUE, MODES[mode])) as server:
-        critic = evaluate.OpenAICritic("fake", base_url=server.base_url, **ENDPOINT)
+        critic = critics.OpenAICritic("fake", base_url=server.base_url, **ENDPOINT)
         (result,) = critic.critique_many([sample])
     transport = name in {"503 page", "429 without Retry-After", "connection reset", "half a body", "hung reply"}
     if name in ANSWERING_FAULTS or (mode == "once" and transport):  # the client retries transport faults itself
         assert isinstance(result, str) and CRITIQUE in result, result
     else:  # a 200 reply with no usable text ends this example's loop, recorded with its reason
-        assert isinstance(result, agents.CriticFailure) and result.reason.startswith(critic.name)
+        assert isinstance(result, critics.CriticFailure) and result.reason.startswith(critic.name)
     assert_no_key(result)
     TALLY["survived"] += 1
 
 
 def test_critic_mixed_batch_loses_nothing(images) -> None:
-    samples = [agents.CritiqueSample(*images, f"fault {name}", "x") for name in FAULTS]
-    samples += [agents.CritiqueSample(*images, f"healthy {i}", "x") for i in range(len(FAULTS))]
+    samples = [critics.CritiqueSample(*images, f"fault {name}", "x") for name in FAULTS]
+    samples += [critics.CritiqueSample(*images, f"healthy {i}", "x") for i in range(len(FAULTS))]
 
     def behaviour(request: RecordedRequest) -> Reply:
         text = " ".join(request.texts())
@@ -159,12 +161,12 @@ def test_critic_mixed_batch_loses_nothing(images) -> None:
 
     TALLY["batches"], TALLY["batch samples"] = TALLY["batches"] + 1, TALLY["batch samples"] + len(samples)
     with FakeOpenAIServer(behaviour) as server:
-        results = evaluate.OpenAICritic("fake", base_url=server.base_url, max_concurrency=8, **ENDPOINT).critique_many(
+        results = critics.OpenAICritic("fake", base_url=server.base_url, max_concurrency=8, **ENDPOINT).critique_many(
             samples
         )
     assert len(results) == len(samples)
     assert all(isinstance(r, str) for s, r in zip(samples, results) if s.request.startswith("healthy"))
-    assert all(isinstance(r, str | agents.CriticFailure) for r in results)
+    assert all(isinstance(r, str | critics.CriticFailure) for r in results)
     assert_no_key(results)
     TALLY["batches finished"] += 1
     TALLY["batch results"] += len(results)
@@ -339,9 +341,9 @@ def test_gpt_image_mixed_batch_in_evaluate_records_every_example(tmp_path, make_
     server = FakeOpenAIServer()
     server.route("POST", "/v1/images/edits", behaviour)
     args = evaluate.Args(out=str(tmp_path), methods="original", judges="unused", agent_batch_size=8)
-    methods = evaluate.parse_methods(args.methods, args.turns)
+    methods = results.parse_methods(args.methods, args.turns)
     with server:
-        tasks = evaluate.plan_edits({"m": examples}, methods, done=set())
+        tasks = evaluate.pending_edits({"m": examples}, methods, done=set())
         evaluate.run_edits(tasks, args, methods, gpt_image(server), tmp_path / "edits.jsonl")
     text = (tmp_path / "edits.jsonl").read_text()
     records = {r["request"]: r for r in map(json.loads, text.splitlines())}

@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 
 import agents
+import critics
 import data
 import rewards
 import shapes
+import specs
 import tasks
+import thinker
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "example" / "train.jsonl"
 
@@ -56,7 +59,7 @@ def test_decomposition_task_reward_is_rewards_py(examples):
 
 def test_thinker_reward_is_the_judged_gain_of_re_editing_the_source(examples, subrequests):
     judge = shapes.ShapesJudge()
-    task = tasks.ThinkerTask(CountingEditor(), judge)
+    task = thinker.ThinkerTask(CountingEditor(), judge)
     e = examples["shapes-1000-00008"]  # indirect: the raw request is only partly executed
     source = e.load_image()
     (first,) = task.first_turns([e])
@@ -64,9 +67,9 @@ def test_thinker_reward_is_the_judged_gain_of_re_editing_the_source(examples, su
     assert first.score < 9
 
     gold = agents.join_single_turn(subrequests[e.id])
-    good = agents.render_critique("two shapes", 4, gold)
-    same = agents.render_critique("fine", first.score, e.request)
-    bad = agents.render_critique("hm", 10, "remove the yellow square")  # an untouched shape
+    good = rewards.render_critique("two shapes", 4, gold)
+    same = rewards.render_critique("fine", first.score, e.request)
+    bad = rewards.render_critique("hm", 10, "remove the yellow square")  # an untouched shape
     r_good, r_same, r_bad = task.rewards([e, e, e], [good, same, bad])
 
     # s1 is the judge's score of the SOURCE re-edited with the refined instruction
@@ -82,7 +85,7 @@ def test_thinker_reward_is_the_judged_gain_of_re_editing_the_source(examples, su
 
 
 def test_thinker_reward_of_an_unparsed_critique_is_zero_and_format_is_strict(examples):
-    task = tasks.ThinkerTask(shapes.ProceduralEditor(), shapes.ShapesJudge(), w_format=1, w_score=1, w_gain=1)
+    task = thinker.ThinkerTask(shapes.ProceduralEditor(), shapes.ShapesJudge(), w_format=1, w_score=1, w_gain=1)
     e = examples["shapes-1000-00000"]
     loose = "Sure! <score>9</score><instruction>remove the purple triangle</instruction> hope that helps"
     unparsed, lenient = task.rewards([e, e], ["<think>x</think><score>11</score><instruction>a</instruction>", loose])
@@ -93,44 +96,44 @@ def test_thinker_reward_of_an_unparsed_critique_is_zero_and_format_is_strict(exa
 
 def test_thinker_edits_each_distinct_instruction_once_and_caches_turn_one(examples):
     editor = CountingEditor()
-    task = tasks.ThinkerTask(editor, shapes.ShapesJudge())
+    task = thinker.ThinkerTask(editor, shapes.ShapesJudge())
     a, b = examples["shapes-1000-00008"], examples["shapes-1000-00014"]
-    texts = [agents.render_critique("t", 5, "remove the green square")] * 3 + ["junk"]
-    task.rewards([a, a, a, a, b], [*texts, agents.render_critique("t", 5, "remove the red triangle")])
+    texts = [rewards.render_critique("t", 5, "remove the green square")] * 3 + ["junk"]
+    task.rewards([a, a, a, a, b], [*texts, rewards.render_critique("t", 5, "remove the red triangle")])
     assert len(editor.calls) == 2 + 2  # turn 1 of a and b, then one re-edit per distinct (example, instruction)
     task.rewards([a], [texts[0]])
     assert len(editor.calls) == 5  # turn 1 is cached; the re-edit is made again (rewards are not cached)
 
 
 def test_thinker_prompt_is_the_local_critics_input(examples):
-    task = tasks.ThinkerTask(shapes.ProceduralEditor(), shapes.ShapesJudge())
+    task = thinker.ThinkerTask(shapes.ProceduralEditor(), shapes.ShapesJudge())
     e = examples["shapes-1000-00014"]
     images, prompts = task.prompts([e])
     (first,) = task.first_turns([e])
-    image, prompt = agents.critic_input(agents.CritiqueSample(e.load_image(), first.edited, e.request, e.request))
+    image, prompt = critics.critic_input(critics.CritiqueSample(e.load_image(), first.edited, e.request, e.request))
     assert prompts == [prompt] and images[0].tobytes() == image.tobytes()
-    assert task.system == agents.CRITIC_SYSTEM
+    assert task.system == critics.CRITIC_SYSTEM
 
 
 @pytest.mark.parametrize("example_id,repeats", [("shapes-1000-00007", False), ("shapes-1000-00000", True)])
 def test_thinker_warmup_target_follows_the_critic_format(examples, subrequests, example_id, repeats):
-    task = tasks.ThinkerTask(shapes.ProceduralEditor(), shapes.ShapesJudge())
+    task = thinker.ThinkerTask(shapes.ProceduralEditor(), shapes.ShapesJudge())
     e = examples[example_id]
     (first,) = task.first_turns([e])
     assert (first.score >= task.satisfied_at) == repeats  # 00007's raw request is only partly executed
     _, _, target = task.warmup_target(e, subrequests[e.id])
     critique = rewards.parse_critique(target)
     assert rewards.critique_format_reward(target) == 1.0
-    # an edit that is already right: repeat the instruction (agents.CRITIC_FORMAT); else the gold sub-requests
+    # an edit that is already right: repeat the instruction (critics.CRITIC_FORMAT); else the gold sub-requests
     want = e.request if repeats else agents.join_single_turn(subrequests[e.id])
     assert critique.instruction == want.strip()
     assert critique.score == round(first.score)
 
 
 def test_specs_build_the_shapes_pieces_and_reject_unknown_names():
-    assert isinstance(tasks.make_editor("shapes"), shapes.ProceduralEditor)
-    assert isinstance(tasks.make_judge("shapes"), shapes.ShapesJudge)
+    assert isinstance(specs.make_editor("shapes"), shapes.ProceduralEditor)
+    assert isinstance(specs.make_judge("shapes"), shapes.ShapesJudge)
     with pytest.raises(ValueError, match="unknown editor"):
-        tasks.make_editor("paintbrush")
+        specs.make_editor("paintbrush")
     with pytest.raises(ValueError, match="unknown judge"):
-        tasks.make_judge("oracle")
+        specs.make_judge("oracle")
