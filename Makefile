@@ -32,7 +32,7 @@ format: $(STAMP)
 
 # The main job: the whole method in miniature on a CPU (shapes world, tiny Qwen-VL, train.py, evaluate.py).
 demo: $(STAMP)
-	$(PY) demo.py
+	$(PY) -m miniature.demo
 
 # GRPO step benchmark: tiny policy on CPU, the full-size Qwen2.5-VL-7B architecture (random weights) on a GPU.
 bench: $(STAMP)

@@ -289,7 +289,7 @@ def sequence(
 #     "Recolor the coat to scarlet; Recolor the hair to copper red"
 # Why this joiner: diffusion editors are trained on short natural instructions, and a compound sentence is one (a
 # numbered "1) ... 2) ..." list is rarer in their training data); "; " keeps every sub-request intact and in order,
-# costs one token (FLUX's CLIP encoder truncates at 77 tokens); and a procedural editor (shapes.py) recovers the
+# costs one token (FLUX's CLIP encoder truncates at 77 tokens); and a procedural editor (miniature/procedural.py) recovers the
 # sub-requests exactly with `instruction.split(JOINER)` because each step's own trailing ";" or "." is stripped.
 
 JOINER = "; "

@@ -53,8 +53,8 @@ import grpo
 import grpo_fast
 import policy
 import rewards
-import tiny
 from cli import arg, parse_dataclass_args
+from miniature import tiny
 
 
 @dataclass

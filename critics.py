@@ -182,7 +182,7 @@ class JudgeCritic:
     """A critic whose SCORE is a judge's rubric total and whose INSTRUCTION comes from a refiner.
 
     judge: anything with `judge(original, edited, request)` returning a judge.Verdict-like record (`fulfilment`,
-    `quality`, `preservation`, `total`), e.g. shapes.ShapesJudge: like a VLM critic it sees only the two images and
+    `quality`, `preservation`, `total`), e.g. miniature.procedural.ShapesJudge: like a VLM critic it sees only the two images and
     the request. refiner: another Critic whose <instruction> is used and whose score is ignored (a local thinker);
     None uses `restate_instruction`, a rule that cannot know the answer. When the refiner's answer does not parse (or
     it fails), the current instruction is kept, so the loop stops with "instruction unchanged" and the turn keeps its

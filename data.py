@@ -186,7 +186,7 @@ def load_rl_jsonl(path: str | Path) -> list[RLExample]:
 
 
 def rl_record(id: str, image: str, request: str, actions, subjects, goals, **extra) -> dict:
-    """The JSON object of one example in the format above (for writers: shapes.py, the teacher labeller)."""
+    """The JSON object of one example in the format above (for writers: miniature/dataset.py, the teacher labeller)."""
     return {"id": id, "image": image, "request": request, "actions": list(actions), "subjects": list(subjects),
             "goals": list(goals), **extra}  # fmt: skip
 

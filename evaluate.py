@@ -120,7 +120,7 @@ class Args:
     # what to edit
     benchmark: str = arg(
         "realedit",
-        "psr | realedit | ultraedit | PATH.jsonl (a manifest, or a file written by shapes.write_jsonl); several "
+        "psr | realedit | ultraedit | PATH.jsonl (a manifest, or a file written by miniature.dataset.write_jsonl); several "
         "comma-separated; LABEL=SPEC names a column (e.g. shapes=data/shapes/test.jsonl)",
     )
     root: str = arg(benchmarks.DEFAULT_ROOT, "the benchmark's local copy, or a folder with one subfolder per "

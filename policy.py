@@ -94,7 +94,7 @@ def _not_found(name_or_path: str, err: OSError) -> PolicyNotFoundError:
         f"Policy model {name_or_path!r} was not found as a local folder or in the Hugging Face cache "
         f"(this project never downloads at run time; HF_HUB_OFFLINE=1). To get it, run on a machine with network "
         f"access `hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir models/qwen2_5_vl` (or the model you want) and "
-        f"pass that folder; for the tiny CPU policy run `python tiny.py DIR` and pass DIR/qwen2_5_vl. "
+        f"pass that folder; for the tiny CPU policy run `python -m miniature.tiny DIR` and pass DIR/qwen2_5_vl. "
         f"Underlying error: {err}"
     )
 

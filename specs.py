@@ -26,7 +26,7 @@ SHAPES_REFINED_PREFIX = "shapes+"  # "shapes+local:PATH": the shapes rubric's sc
 def make_editor(spec: str, options: editors.EditorOptions | None = None) -> editors.Editor:
     """The editor a spec names: the miniature's procedural editor for "shapes", else editors.make_editor."""
     if spec == SHAPES:
-        from shapes import ProceduralEditor
+        from miniature.procedural import ProceduralEditor
 
         return ProceduralEditor()
     return editors.make_editor(spec, options)
@@ -36,7 +36,7 @@ def make_judge(spec: str, concurrency: int | None = None):
     """The judge a spec names: the miniature's programmatic judge for "shapes", else judge.make_judge (API judges
     get at most `concurrency` requests in flight; None keeps judge.py's default)."""
     if spec in SHAPES_JUDGE_SPECS:
-        from shapes import ShapesJudge
+        from miniature.procedural import ShapesJudge
 
         return ShapesJudge()
     import judge  # imported here: it loads the openai client, which `import train` must not

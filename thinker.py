@@ -351,8 +351,8 @@ class ThinkerTask:
     [-1, 1]; a critique that repeats the request gets exactly 0 from a deterministic editor. The weights are ours: the
     EditThinker summary names the parts of its reward, not their weights.
 
-    `editor` has `edit(image, instruction, seed)` (editors.py, shapes.ProceduralEditor); `judge` has
-    `judge_many([(source, edited, request), ...])` (judge.py's judges, shapes.ShapesJudge). Within one call of
+    `editor` has `edit(image, instruction, seed)` (editors.py, miniature.procedural.ProceduralEditor); `judge` has
+    `judge_many([(source, edited, request), ...])` (judge.py's judges, miniature.procedural.ShapesJudge). Within one call of
     `rewards` identical (example, instruction) pairs are edited and judged once, and all new edits are judged in one
     `judge_many` call (API judges run it concurrently).
     """

@@ -61,7 +61,9 @@ class Args:
     # agent, model and data
     agent: Literal["decompose", "think"] = arg("decompose", "which agent to train (tasks.py): ImageEdit-R1's "
                                                "decomposition agent, or EditThinker's critic-refiner")  # fmt: skip
-    model: str = arg(PAPER_MODEL, "policy to train: hub id, local path, or a tiny model from `python tiny.py DIR`")
+    model: str = arg(
+        PAPER_MODEL, "policy to train: hub id, local path, or a tiny model from `python -m miniature.tiny DIR`"
+    )
     ref_model: str | None = arg(None, "frozen reference policy for the KL term (default: the same as --model)")
     train_data: str = arg("data/rl/train.jsonl", "RL examples in the JSONL format of data.py")
     eval_data: str | None = arg(None, "held-out examples (JSONL); default: hold out --eval-size examples of train")

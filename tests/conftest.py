@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the project is flat scripts, not a package: make `import tiny` work anywhere
 
-import tiny  # noqa: E402
+from miniature import tiny  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -457,7 +457,7 @@ class RecordingWrapper:
 
 @pytest.fixture(scope="module")
 def tiny_editor_folders(tmp_path_factory):
-    from tiny_pipelines import save_tiny_flux_kontext, save_tiny_qwen_image_edit
+    from miniature.tiny_pipelines import save_tiny_flux_kontext, save_tiny_qwen_image_edit
 
     root = tmp_path_factory.mktemp("tiny_editors")
     return {"flux": save_tiny_flux_kontext(root / "flux", seed=0), "qwen": save_tiny_qwen_image_edit(root / "qwen")}

@@ -24,7 +24,7 @@ from PIL import Image
 import benchmarks
 import data
 import evaluate
-import shapes
+from miniature import dataset
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {"id": "a", "image": "ok.png", "request": "make it blue", "actions": ["recolor"], "subjects": ["circle"],
@@ -150,7 +150,7 @@ def evaluate_argv(out: Path, manifest: Path) -> list[str]:
 
 @pytest.mark.parametrize("torn", ["", '{"editor": "shap'])
 def test_a_torn_run_json_is_reported_with_what_to_do(tmp_path: Path, torn: str) -> None:
-    manifest = shapes.write_jsonl(shapes.make_dataset(2, seed=5), tmp_path / "data", "test")
+    manifest = dataset.write_jsonl(dataset.make_dataset(2, seed=5), tmp_path / "data", "test")
     out = tmp_path / "eval"
     evaluate.main(evaluate_argv(out, manifest))
     edits = (out / "edits.jsonl").read_bytes()
@@ -167,7 +167,7 @@ def test_a_torn_run_json_is_reported_with_what_to_do(tmp_path: Path, torn: str) 
 
 def test_run_json_is_replaced_by_a_rename_never_rewritten_in_place(tmp_path: Path, monkeypatch) -> None:
     """A kill can then leave the old run.json or the new one, never half of one."""
-    manifest = shapes.write_jsonl(shapes.make_dataset(2, seed=5), tmp_path / "data", "test")
+    manifest = dataset.write_jsonl(dataset.make_dataset(2, seed=5), tmp_path / "data", "test")
     out = tmp_path / "eval"
     renamed, real_replace = [], os.replace
     monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(Path(dst)), real_replace(src, dst))[-1])
@@ -178,7 +178,7 @@ def test_run_json_is_replaced_by_a_rename_never_rewritten_in_place(tmp_path: Pat
 
 
 def test_a_torn_run_json_of_the_labeller_is_reported_with_what_to_do(tmp_path: Path, capsys) -> None:
-    manifest = shapes.write_jsonl(shapes.make_dataset(2, seed=5), tmp_path / "data", "test")
+    manifest = dataset.write_jsonl(dataset.make_dataset(2, seed=5), tmp_path / "data", "test")
     out = tmp_path / "rl"
     out.mkdir()
     (out / "run.json").write_text("")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import demo
+from miniature import demo
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
@@ -34,7 +34,7 @@ THINK_FOLDERS = {"eval_think": "", "eval_think_untrained": "/untrained"}  # fold
 def reduced_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("demo") / "runs"
     proc = subprocess.run(
-        [sys.executable, "demo.py", "--out", str(out), "--seeds", "3", *REDUCED],
+        [sys.executable, "-m", "miniature.demo", "--out", str(out), "--seeds", "3", *REDUCED],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -122,11 +122,11 @@ def test_second_run_skips_finished_stages(reduced_demo):
     out, _ = reduced_demo
     before = (out / "seed3/grpo/policy/model.safetensors").stat().st_mtime_ns
     proc = subprocess.run(
-        [sys.executable, "demo.py", "--out", str(out), "--seeds", "3", *REDUCED],
+        [sys.executable, "-m", "miniature.demo", "--out", str(out), "--seeds", "3", *REDUCED],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "$ " + Path(sys.executable).name + " warmup.py" not in proc.stdout
+    assert "$ " + Path(sys.executable).name + " -m miniature.warmup" not in proc.stdout
     assert " train.py " not in proc.stdout
     assert (out / "seed3/grpo/policy/model.safetensors").stat().st_mtime_ns == before
 

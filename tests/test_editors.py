@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 import editors
 import evaluate
 from editors import EditError, EditorOptions, EditorSetupError
-from tiny_pipelines import save_tiny_flux_kontext, save_tiny_qwen_image_edit
+from miniature.tiny_pipelines import save_tiny_flux_kontext, save_tiny_qwen_image_edit
 
 STEPS = 2
 SOURCE_SIZE = (64, 48)  # non-square on purpose: width and height must not be swapped anywhere

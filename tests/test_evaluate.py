@@ -38,9 +38,9 @@ from PIL import Image
 import evaluate
 import records
 import results
-import shapes
 from benchmarks import EditExample
 from editors import EditError
+from miniature import dataset
 from results import SetupError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,9 +63,9 @@ def judge_behaviour(refused_request: str):
 
 @pytest.fixture(scope="module")
 def shapes_manifest(tmp_path_factory) -> Path:
-    """The miniature's test file (shapes.write_jsonl) plus a line with a corrupt image and one without a request."""
+    """The miniature's test file (dataset.write_jsonl) plus a line with a corrupt image and one without a request."""
     folder = tmp_path_factory.mktemp("shapes_data")
-    path = shapes.write_jsonl(shapes.make_dataset(N_SHAPES, seed=3), folder, "test")
+    path = dataset.write_jsonl(dataset.make_dataset(N_SHAPES, seed=3), folder, "test")
     (folder / "images" / "broken.png").write_bytes(b"\x89PNG this is not an image")
     with path.open("a") as f:
         f.write(json.dumps({"id": "zz-corrupt-image", "image": "images/broken.png", "request": "remove the circle"}))
@@ -443,7 +443,7 @@ def png(colour: tuple[int, int, int]) -> bytes:
 def test_tiny_flux_on_a_realedit_fixture(tmp_path: Path, server: FakeOpenAIServer, tiny_qwen25, monkeypatch) -> None:
     """RealEdit's columns (input_image, output_image, instruction), one corrupt image and one null instruction;
     --root holds one folder per benchmark; the real "gpt-4o" judge preset, pointed at the local server."""
-    from tiny_pipelines import save_tiny_flux_kontext
+    from miniature.tiny_pipelines import save_tiny_flux_kontext
 
     flux = save_tiny_flux_kontext(tmp_path / "flux", seed=0)
     inputs = [{"bytes": png((40 * i, 200, 90)), "path": f"{i}.png"} for i in range(5)]

@@ -1,18 +1,24 @@
-"""The dependency direction of ../shared/STYLE.md, checked by parsing every module's imports (including lazy ones).
+"""The layout of ../shared/STYLE.md, checked by parsing every module's imports (including lazy ones).
 
-example -> agents -> editors -> judge -> rewards -> grpo -> train: the leaves import nothing of ours, nothing imports
-the entry scripts, and only train.py touches DeepSpeed or torch.distributed.
+One-way dependencies: the leaves import nothing of ours, nothing imports an entry script, only train.py touches
+DeepSpeed or torch.distributed, and the system's modules never import the miniature (miniature/): only the entry
+scripts, specs.py (which resolves the spec "shapes") and the tests do. `import train` loads neither the openai client
+nor the miniature.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = {p.stem: p for p in REPO.glob("*.py")}
-ENTRY_SCRIPTS = {"train", "evaluate", "warmup", "bench", "demo"}  # run, never imported
+SYSTEM = {p.stem: p for p in REPO.glob("*.py")}  # the flat system at the top
+MINIATURE = {f"miniature.{p.stem}": p for p in (REPO / "miniature").glob("*.py") if p.stem != "__init__"}
+MODULES = {**SYSTEM, **MINIATURE}
+ENTRY_SCRIPTS = {"train", "evaluate", "label", "speed", "miniature.warmup", "miniature.demo"}  # run, never imported
+MAY_IMPORT_THE_MINIATURE = {"specs", "speed"}  # specs lazily, for the spec "shapes"; speed's tiny policy
 
 
 def imports(path: Path) -> set[str]:
@@ -27,14 +33,24 @@ def imports(path: Path) -> set[str]:
 
 
 def ours(path: Path) -> set[str]:
-    return {n.split(".")[0] for n in imports(path)} & MODULES.keys()
+    """Our modules that `path` imports: top-level names, and miniature.X for the miniature's (`from miniature import
+    world` counts as miniature.world)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            if node.module == "miniature":
+                found |= {f"miniature.{a.name}" for a in node.names}
+    return {n if n.startswith("miniature.") else n.split(".")[0] for n in found} & (MODULES.keys() | {"miniature"})
 
 
 def test_leaves_import_nothing_of_ours_and_only_what_they_may():
     stdlib = set(sys.stdlib_module_names)
     assert {n.split(".")[0] for n in imports(MODULES["rewards"])} <= stdlib | {"__future__"}
     assert {n.split(".")[0] for n in imports(MODULES["grpo"])} <= stdlib | {"__future__", "torch"}
-    for leaf in ("rewards", "grpo", "cli", "benchmarks", "editors"):
+    for leaf in ("rewards", "grpo", "cli", "benchmarks", "editors", "records"):
         assert ours(MODULES[leaf]) == set(), leaf
     # grpo's speed-ups sit on the plain path and nothing else: torch and grpo's batch layout
     assert {n.split(".")[0] for n in imports(MODULES["grpo_fast"])} <= stdlib | {"__future__", "torch", "grpo"}
@@ -45,17 +61,53 @@ def test_nothing_imports_an_entry_script():
         assert not ours(path) & ENTRY_SCRIPTS, f"{name} imports {ours(path) & ENTRY_SCRIPTS}"
 
 
-def test_wrappers_import_only_leaves_and_the_policy_loader():
+def test_wrappers_import_only_what_they_build_on():
     allowed = {
         "policy": {"grpo"},  # grpo.generate: the one generation call, under an explicit config
-        "tiny": {"policy"},
         "judge": {"policy"},  # lazily, for the local judge
-        "shapes": {"judge"},  # the Verdict record and the rubric's maxima
-        "agents": {"rewards", "policy", "editors", "grpo"},
-        "tasks": {"agents", "data", "editors", "judge", "rewards", "shapes"},  # never policy, grpo or an entry script
+        "data": set(),  # the RL data format only
+        "agents": {"rewards", "policy", "editors"},
+        "critics": {"agents", "judge", "policy", "rewards"},
+        "thinker": {"agents", "critics", "data", "editors", "rewards"},
+        "tasks": {"agents", "data", "rewards"},  # never policy, grpo, the thinker or an entry script
+        "results": {"agents", "records"},
+        "report": {"judge", "records", "results"},
+        "specs": {"editors", "judge", "critics", "miniature.procedural"},
     }
     for name, ok in allowed.items():
         assert ours(MODULES[name]) <= ok, f"{name} imports {ours(MODULES[name]) - ok}"
+
+
+def test_the_system_never_imports_the_miniature():
+    for name, path in SYSTEM.items():
+        if name in ENTRY_SCRIPTS or name in MAY_IMPORT_THE_MINIATURE:
+            continue
+        reached = {n for n in ours(path) if n.startswith("miniature")}
+        assert not reached, f"{name} imports the miniature ({reached}); resolve the spec in specs.py instead"
+    # and the miniature's world, editor and judge build on nothing of the system but the judge's Verdict record
+    for name in ("miniature.world", "miniature.language", "miniature.dataset", "miniature.procedural"):
+        assert {n for n in ours(MODULES[name]) if not n.startswith("miniature")} <= {"judge"}, name
+
+
+def test_import_train_loads_neither_the_openai_client_nor_the_miniature():
+    probe = (
+        "import sys, train, evaluate\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('openai', 'miniature'))\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    loaded = out.stdout.strip().splitlines()[-1]
+    assert loaded.startswith("["), out.stdout
+    train_only = subprocess.run([sys.executable, "-c", probe.replace(", evaluate", "")], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]  # fmt: skip
+    assert train_only == "[]", f"import train loaded {train_only}"
+    assert "miniature" not in loaded, f"import evaluate loaded {loaded}"
+
+
+def test_every_module_says_its_one_job_in_its_first_docstring_line():
+    for name, path in {**MODULES, "miniature": REPO / "miniature" / "__init__.py"}.items():
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and doc.splitlines()[0].strip().endswith((".", ")", ":")), f"{name}: no one-line docstring"
 
 
 def distributed_uses(path: Path) -> set[str]:

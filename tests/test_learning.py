@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-import tiny
+from miniature import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "data" / "example" / "train.jsonl"
@@ -55,7 +55,7 @@ RUNS = {"free": ("5e-4", "0.01"), "tied": ("5e-4", "1.0"), "control": ("0", "0")
 def warm_up(folder: Path, seed: int) -> Path:
     """The tiny policy of `seed` after the supervised warm-up; returns the warmed-up folder."""
     tiny.save_tiny_policy(folder / "tiny", "qwen2_5_vl", seed=seed)
-    cmd = ["warmup.py", "--model", str(folder / "tiny"), "--train-data", str(EXAMPLE), "--out", str(folder / "warm"),
+    cmd = ["-m", "miniature.warmup", "--model", str(folder / "tiny"), "--train-data", str(EXAMPLE), "--out", str(folder / "warm"),
            "--steps", str(WARMUP_STEPS), "--no-sequencing", "--seed", str(seed)]  # fmt: skip
     proc = subprocess.run([sys.executable, *cmd], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

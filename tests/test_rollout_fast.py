@@ -18,7 +18,7 @@ import bench
 import grpo
 import grpo_fast
 import policy
-import tiny
+from miniature import tiny
 
 TOL = 1e-5  # the bar for "the same log-probs" on the tiny models
 

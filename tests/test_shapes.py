@@ -14,11 +14,12 @@ from PIL import Image, ImageFilter
 
 import data
 import rewards
-import shapes
 from judge import Verdict
-from shapes import CELLS, COLOURS, KINDS, SIZES, Edit, ProceduralEditor, Scene, Shape, ShapesJudge, read_scene, render
+from miniature import dataset, language, world
+from miniature.procedural import ProceduralEditor, ShapesJudge
+from miniature.world import CELLS, COLOURS, KINDS, SIZES, Edit, Scene, Shape, read_scene, render
 
-DATASET = shapes.make_dataset(300, seed=11)  # ~0.05 s; shared by the read-only tests below
+DATASET = dataset.make_dataset(300, seed=11)  # ~0.05 s; shared by the read-only tests below
 
 
 def _scene(*specs: str) -> Scene:
@@ -58,7 +59,7 @@ def scenes(draw: st.DrawFn) -> Scene:
 @given(scenes())
 def test_render_then_read_is_exact(scene: Scene) -> None:
     image = render(scene)
-    assert image.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+    assert image.size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
     assert read_scene(image) == scene
 
 
@@ -71,8 +72,8 @@ def test_read_survives_the_artefacts_of_many_editor_calls(scene: Scene, seed: in
         image = editor.edit(image, "do nothing", seed=seed)
         assert read_scene(image) == scene, f"misread after {call} calls"
     # Each call corrupts ARTEFACT_FRACTION of the pixels; a few land on earlier ones or match by chance.
-    per_call = round(shapes.ARTEFACT_FRACTION * shapes.IMAGE_SIZE**2) / shapes.IMAGE_SIZE**2
-    assert 0.8 * 8 * per_call < shapes.artefact_share(image) <= 8 * per_call
+    per_call = round(world.ARTEFACT_FRACTION * world.IMAGE_SIZE**2) / world.IMAGE_SIZE**2
+    assert 0.8 * 8 * per_call < world.artefact_share(image) <= 8 * per_call
 
 
 def test_read_survives_mild_blur() -> None:
@@ -95,13 +96,13 @@ def test_scene_rejects_two_shapes_in_one_cell() -> None:
 
 def test_gold_lists_are_non_empty_normalised_and_in_the_vocabulary() -> None:
     for ex in DATASET:
-        assert 1 <= len(ex.edits) <= shapes.MAX_EDITS
+        assert 1 <= len(ex.edits) <= world.MAX_EDITS
         for items in (ex.actions, ex.subjects, ex.goals):
             assert items and len(set(items)) == len(items)
             assert all(rewards.normalise_item(item) == item for item in items)
         gold = rewards.gold_from_lists(ex.actions, ex.subjects, ex.goals)
         assert (gold.actions, gold.subjects, gold.goals) == (ex.actions, ex.subjects, ex.goals)
-        assert set(ex.actions) <= set(shapes.ACTIONS)
+        assert set(ex.actions) <= set(world.ACTIONS)
         # Subjects are names of the ORIGINAL shapes, except for added shapes, which are new names.
         original = {s.name for s in ex.scene.shapes}
         for e in ex.edits:
@@ -110,7 +111,7 @@ def test_gold_lists_are_non_empty_normalised_and_in_the_vocabulary() -> None:
 
 def test_every_action_and_indirect_form_occurs() -> None:
     requests = " ".join(ex.request.lower() for ex in DATASET)
-    assert {a for ex in DATASET for a in ex.actions} == set(shapes.ACTIONS)
+    assert {a for ex in DATASET for a in ex.actions} == set(world.ACTIONS)
     for phrase in ("everything on the", "all the", "the shape in the", "smallest shape", "colour of the", "same size"):
         assert phrase in requests, phrase
     assert any(word in requests for word in ("above the", "below the", "to the left of", "to the right of"))
@@ -122,10 +123,10 @@ def test_indirect_clauses_hide_some_of_their_gold_from_the_text() -> None:
     """The gold of an indirect clause cannot be read off its words: a subject or goal needs the image."""
     n_indirect = 0
     for ex in DATASET:
-        for text in shapes.split_clauses(ex.request):
-            clause = shapes.parse_clause(text)
+        for text in language.split_clauses(ex.request):
+            clause = language.parse_clause(text)
             if not clause.explicit:
-                edits = shapes.clause_edits(clause, ex.scene)
+                edits = language.clause_edits(clause, ex.scene)
                 assert any(item not in text for e in edits for item in (e.subject, e.goal)), text
                 n_indirect += 1
     assert n_indirect > 100
@@ -133,14 +134,14 @@ def test_indirect_clauses_hide_some_of_their_gold_from_the_text() -> None:
 
 def test_the_oracle_reproduces_the_gold_edits_and_the_target() -> None:
     for ex in DATASET:
-        assert shapes.interpret(ex.scene, ex.request) == list(ex.edits), ex.request
-        assert shapes.oracle_apply(ex.scene, ex.request) == ex.target
-        assert shapes.apply_edits(ex.scene, reversed(ex.edits)) == ex.target  # the edits commute
+        assert language.interpret(ex.scene, ex.request) == list(ex.edits), ex.request
+        assert language.oracle_apply(ex.scene, ex.request) == ex.target
+        assert world.apply_edits(ex.scene, reversed(ex.edits)) == ex.target  # the edits commute
 
 
 def test_examples_depend_only_on_seed_and_index() -> None:
-    assert shapes.make_dataset(20, seed=11) == DATASET[:20]
-    assert shapes.make_dataset(20, seed=12) != DATASET[:20]
+    assert dataset.make_dataset(20, seed=11) == DATASET[:20]
+    assert dataset.make_dataset(20, seed=12) != DATASET[:20]
     assert len({ex.id for ex in DATASET}) == len(DATASET)
 
 
@@ -164,12 +165,12 @@ def test_oracle_resolves_each_kind_of_reference() -> None:
     }
     for request, edits in cases.items():
         if edits is None:
-            with pytest.raises(shapes.UnresolvedReference):
-                shapes.interpret(SCENE, request)
+            with pytest.raises(world.UnresolvedReference):
+                language.interpret(SCENE, request)
         else:
-            assert shapes.interpret(SCENE, request) == edits, request
-    with pytest.raises(shapes.UnparsedClause):
-        shapes.interpret(SCENE, "make it pop")
+            assert language.interpret(SCENE, request) == edits, request
+    with pytest.raises(world.UnparsedClause):
+        language.interpret(SCENE, "make it pop")
 
 
 # ---------------------------------------------------------------------------------------------------------- editor
@@ -183,8 +184,8 @@ def test_editor_executes_each_explicit_instruction_exactly() -> None:
     n = 0
     for ex in DATASET[:150]:
         for edit in ex.edits:
-            expected = shapes.apply_edit(ex.scene, edit)
-            assert _edited_scene(shapes.explicit_instruction(edit), ex.scene) == expected, edit
+            expected = world.apply_edit(ex.scene, edit)
+            assert _edited_scene(world.explicit_instruction(edit), ex.scene) == expected, edit
             n += 1
     assert n > 250
 
@@ -208,7 +209,7 @@ def test_editor_ignores_indirect_clauses_but_does_the_explicit_ones() -> None:
     ):
         assert _edited_scene(request) == SCENE, request
     after = _edited_scene("Remove everything on the left and recolor the triangle to purple.")
-    assert after == shapes.apply_edit(SCENE, Edit("recolor", "green triangle", "purple"))
+    assert after == world.apply_edit(SCENE, Edit("recolor", "green triangle", "purple"))
 
 
 def test_editor_executes_at_most_k_understood_clauses() -> None:
@@ -231,13 +232,13 @@ def test_editor_executes_at_most_k_understood_clauses() -> None:
 def test_editor_grounds_every_clause_in_the_input_image() -> None:
     """One call cannot chain edits (the blue circle does not exist yet); two calls can."""
     request = "recolor the red circle to blue; move the blue circle to the center"
-    once = shapes.apply_edit(SCENE, Edit("recolor", "red circle", "blue"))
+    once = world.apply_edit(SCENE, Edit("recolor", "red circle", "blue"))
     assert _edited_scene(request) == once
     editor = ProceduralEditor()
     image = render(SCENE)
     for sub in request.split("; "):
         image = editor.edit(image, sub)
-    assert read_scene(image) == shapes.apply_edit(once, Edit("move", "blue circle", "center"))
+    assert read_scene(image) == world.apply_edit(once, Edit("move", "blue circle", "center"))
 
 
 def test_editor_is_deterministic_and_degrades_every_call() -> None:
@@ -250,7 +251,7 @@ def test_editor_is_deterministic_and_degrades_every_call() -> None:
     shares = []
     for _ in range(3):  # the same seed every call: artefacts still accumulate, as in a multi-turn chain
         image = editor.edit(image, "do nothing", seed=0)
-        shares.append(shapes.artefact_share(image))
+        shares.append(world.artefact_share(image))
     assert shares[0] < shares[1] < shares[2]
 
 
@@ -258,7 +259,7 @@ def test_editor_is_deterministic_and_degrades_every_call() -> None:
 @given(st.text(max_size=200))
 def test_editor_never_fails_on_junk_instructions(text: str) -> None:
     edited = ProceduralEditor().edit(render(SCENE), text)
-    assert edited.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+    assert edited.size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
     read_scene(edited)
 
 
@@ -277,7 +278,7 @@ def _speckle(scene: Scene, share: float, seed: int = 0) -> Image.Image:
 
 
 def test_judge_perfect_edit_scores_ten() -> None:
-    target = shapes.oracle_apply(SCENE, TWO_EDITS)
+    target = language.oracle_apply(SCENE, TWO_EDITS)
     verdict = ShapesJudge().judge(render(SCENE), render(target), TWO_EDITS)
     assert isinstance(verdict, Verdict)
     assert (verdict.fulfilment, verdict.quality, verdict.preservation, verdict.total) == (4, 3, 3, 10)
@@ -291,34 +292,34 @@ def test_judge_no_op_fulfils_nothing_and_preserves_everything() -> None:
 
 
 def test_judge_counts_half_an_edit_as_half() -> None:
-    half = shapes.apply_edit(SCENE, Edit("remove", "blue square", "removed"))
+    half = world.apply_edit(SCENE, Edit("remove", "blue square", "removed"))
     verdict = ShapesJudge().judge(render(SCENE), render(half), TWO_EDITS)
     assert (verdict.fulfilment, verdict.preservation) == (2, 3)
 
 
 def test_judge_wrong_extra_changes_lower_preservation() -> None:
-    target = shapes.oracle_apply(SCENE, TWO_EDITS)
-    recoloured = shapes.apply_edit(target, Edit("recolor", "green triangle", "purple"))  # 1 of 2 untouched changed
+    target = language.oracle_apply(SCENE, TWO_EDITS)
+    recoloured = world.apply_edit(target, Edit("recolor", "green triangle", "purple"))  # 1 of 2 untouched changed
     verdict = ShapesJudge().judge(render(SCENE), render(recoloured), TWO_EDITS)
     assert (verdict.fulfilment, verdict.preservation) == (4, 1.5)
-    added = shapes.apply_edit(target, Edit("add", "purple square", "center"))  # a shape where nothing should be
+    added = world.apply_edit(target, Edit("add", "purple square", "center"))  # a shape where nothing should be
     verdict = ShapesJudge().judge(render(SCENE), render(added), TWO_EDITS)
     assert verdict.fulfilment == 4 and verdict.preservation == pytest.approx(2.0)
     assert "1 unwanted new shape" in verdict.reason
 
 
 def test_judge_wrong_result_of_a_requested_edit_is_a_miss_not_a_preservation_loss() -> None:
-    wrong = shapes.apply_edits(SCENE, [Edit("remove", "blue square", "removed"), Edit("recolor", "red circle", "blue")])
+    wrong = world.apply_edits(SCENE, [Edit("remove", "blue square", "removed"), Edit("recolor", "red circle", "blue")])
     verdict = ShapesJudge().judge(render(SCENE), render(wrong), TWO_EDITS)
     assert (verdict.fulfilment, verdict.preservation) == (2, 3)
 
 
 def test_judge_artefacts_lower_quality() -> None:
-    target = shapes.oracle_apply(SCENE, TWO_EDITS)
+    target = language.oracle_apply(SCENE, TWO_EDITS)
     qualities = [
         ShapesJudge().judge(render(SCENE), _speckle(target, share), TWO_EDITS).quality for share in (0.02, 0.05, 0.2)
     ]
-    assert qualities[0] == pytest.approx(3 * (1 - 0.02 / shapes.QUALITY_ZERO_AT), abs=0.05)
+    assert qualities[0] == pytest.approx(3 * (1 - 0.02 / world.QUALITY_ZERO_AT), abs=0.05)
     assert qualities[0] > qualities[1] > qualities[2] == 0
 
 
@@ -326,7 +327,7 @@ def test_judge_sees_single_turn_beat_multi_turn_only_through_quality() -> None:
     """With a perfect decomposition both orders reach the target; each extra call costs artefacts."""
     editor, judge = ProceduralEditor(), ShapesJudge()
     request = "Remove everything on the left, then make the triangle small."
-    subrequests = [shapes.explicit_instruction(e) for e in shapes.interpret(SCENE, request)]
+    subrequests = [world.explicit_instruction(e) for e in language.interpret(SCENE, request)]
     single = editor.edit(render(SCENE), "; ".join(subrequests))
     multi = render(SCENE)
     for sub in subrequests:
@@ -349,7 +350,7 @@ def test_judge_many_matches_judge_and_reports_progress() -> None:
 
 def test_write_jsonl_is_the_rl_format_with_relative_image_paths(tmp_path, monkeypatch) -> None:
     examples = DATASET[:12]
-    path = shapes.write_jsonl(examples, tmp_path / "rl", name="train")
+    path = dataset.write_jsonl(examples, tmp_path / "rl", name="train")
     assert path == tmp_path / "rl" / "train.jsonl"
     monkeypatch.chdir(tmp_path)  # paths must resolve against the file, not the working directory
     records = [json.loads(line) for line in path.read_text().splitlines()]
@@ -364,12 +365,12 @@ def test_write_jsonl_is_the_rl_format_with_relative_image_paths(tmp_path, monkey
     assert [e.id for e in loaded] == [ex.id for ex in examples]
     assert [e.gold.subjects for e in loaded] == [ex.subjects for ex in examples]
     assert read_scene(loaded[0].load_image()) == examples[0].scene
-    assert shapes.read_jsonl(path) == examples
+    assert dataset.read_jsonl(path) == examples
 
 
 def test_write_jsonl_is_deterministic(tmp_path) -> None:
-    a = shapes.write_jsonl(shapes.make_dataset(5, seed=2), tmp_path / "a")
-    b = shapes.write_jsonl(shapes.make_dataset(5, seed=2), tmp_path / "b")
+    a = dataset.write_jsonl(dataset.make_dataset(5, seed=2), tmp_path / "a")
+    b = dataset.write_jsonl(dataset.make_dataset(5, seed=2), tmp_path / "b")
     assert a.read_bytes() == b.read_bytes()
     images_a, images_b = sorted((tmp_path / "a" / "images").iterdir()), sorted((tmp_path / "b" / "images").iterdir())
     assert [p.name for p in images_a] == [p.name for p in images_b] and len(images_a) == 5
@@ -378,19 +379,19 @@ def test_write_jsonl_is_deterministic(tmp_path) -> None:
 
 def test_read_jsonl_falls_back_to_the_oracle_and_checks_the_target(tmp_path) -> None:
     ex = DATASET[0]
-    path = shapes.write_jsonl([ex], tmp_path)
+    path = dataset.write_jsonl([ex], tmp_path)
     record = json.loads(path.read_text())
     del record["edits"]
     path.write_text(json.dumps(record) + "\n")
-    assert shapes.read_jsonl(path) == [ex]
+    assert dataset.read_jsonl(path) == [ex]
     record["target_scene"] = []
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(ValueError, match="data.jsonl:1: field 'target_scene'"):
-        shapes.read_jsonl(path)
+        dataset.read_jsonl(path)
 
 
 def test_make_example_uses_only_the_given_rng() -> None:
-    a = shapes.make_example(random.Random(5), example_id="x")
+    a = dataset.make_example(random.Random(5), example_id="x")
     random.seed(123)  # the global generator must not matter
-    b = shapes.make_example(random.Random(5), example_id="x")
+    b = dataset.make_example(random.Random(5), example_id="x")
     assert a == b

@@ -12,10 +12,10 @@ import agents
 import critics
 import data
 import rewards
-import shapes
 import specs
 import tasks
 import thinker
+from miniature import procedural
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "example" / "train.jsonl"
 
@@ -30,7 +30,7 @@ def subrequests() -> dict[str, list[str]]:
     return {obj["id"]: obj["subrequests"] for obj in map(json.loads, EXAMPLE.read_text().splitlines())}
 
 
-class CountingEditor(shapes.ProceduralEditor):
+class CountingEditor(procedural.ProceduralEditor):
     """The procedural editor, counting its calls and recording the images it was given."""
 
     def __init__(self) -> None:
@@ -58,7 +58,7 @@ def test_decomposition_task_reward_is_rewards_py(examples):
 
 
 def test_thinker_reward_is_the_judged_gain_of_re_editing_the_source(examples, subrequests):
-    judge = shapes.ShapesJudge()
+    judge = procedural.ShapesJudge()
     task = thinker.ThinkerTask(CountingEditor(), judge)
     e = examples["shapes-1000-00008"]  # indirect: the raw request is only partly executed
     source = e.load_image()
@@ -73,7 +73,7 @@ def test_thinker_reward_is_the_judged_gain_of_re_editing_the_source(examples, su
     r_good, r_same, r_bad = task.rewards([e, e, e], [good, same, bad])
 
     # s1 is the judge's score of the SOURCE re-edited with the refined instruction
-    s1 = judge.judge(source, shapes.ProceduralEditor().edit(source, gold), e.request).total
+    s1 = judge.judge(source, procedural.ProceduralEditor().edit(source, gold), e.request).total
     assert r_good["gain"] == pytest.approx((s1 - first.score) / 10) and r_good["gain"] > 0.2
     assert r_good["score"] == pytest.approx(1 - abs(4 - first.score) / 10)
     assert r_good["reward"] == pytest.approx((1 + r_good["score"] + 2 * r_good["gain"]) / 4)
@@ -85,7 +85,7 @@ def test_thinker_reward_is_the_judged_gain_of_re_editing_the_source(examples, su
 
 
 def test_thinker_reward_of_an_unparsed_critique_is_zero_and_format_is_strict(examples):
-    task = thinker.ThinkerTask(shapes.ProceduralEditor(), shapes.ShapesJudge(), w_format=1, w_score=1, w_gain=1)
+    task = thinker.ThinkerTask(procedural.ProceduralEditor(), procedural.ShapesJudge(), w_format=1, w_score=1, w_gain=1)
     e = examples["shapes-1000-00000"]
     loose = "Sure! <score>9</score><instruction>remove the purple triangle</instruction> hope that helps"
     unparsed, lenient = task.rewards([e, e], ["<think>x</think><score>11</score><instruction>a</instruction>", loose])
@@ -96,7 +96,7 @@ def test_thinker_reward_of_an_unparsed_critique_is_zero_and_format_is_strict(exa
 
 def test_thinker_edits_each_distinct_instruction_once_and_caches_turn_one(examples):
     editor = CountingEditor()
-    task = thinker.ThinkerTask(editor, shapes.ShapesJudge())
+    task = thinker.ThinkerTask(editor, procedural.ShapesJudge())
     a, b = examples["shapes-1000-00008"], examples["shapes-1000-00014"]
     texts = [rewards.render_critique("t", 5, "remove the green square")] * 3 + ["junk"]
     task.rewards([a, a, a, a, b], [*texts, rewards.render_critique("t", 5, "remove the red triangle")])
@@ -106,7 +106,7 @@ def test_thinker_edits_each_distinct_instruction_once_and_caches_turn_one(exampl
 
 
 def test_thinker_prompt_is_the_local_critics_input(examples):
-    task = thinker.ThinkerTask(shapes.ProceduralEditor(), shapes.ShapesJudge())
+    task = thinker.ThinkerTask(procedural.ProceduralEditor(), procedural.ShapesJudge())
     e = examples["shapes-1000-00014"]
     images, prompts = task.prompts([e])
     (first,) = task.first_turns([e])
@@ -117,7 +117,7 @@ def test_thinker_prompt_is_the_local_critics_input(examples):
 
 @pytest.mark.parametrize("example_id,repeats", [("shapes-1000-00007", False), ("shapes-1000-00000", True)])
 def test_thinker_warmup_target_follows_the_critic_format(examples, subrequests, example_id, repeats):
-    task = thinker.ThinkerTask(shapes.ProceduralEditor(), shapes.ShapesJudge())
+    task = thinker.ThinkerTask(procedural.ProceduralEditor(), procedural.ShapesJudge())
     e = examples[example_id]
     (first,) = task.first_turns([e])
     assert (first.score >= task.satisfied_at) == repeats  # 00007's raw request is only partly executed
@@ -131,8 +131,8 @@ def test_thinker_warmup_target_follows_the_critic_format(examples, subrequests, 
 
 
 def test_specs_build_the_shapes_pieces_and_reject_unknown_names():
-    assert isinstance(specs.make_editor("shapes"), shapes.ProceduralEditor)
-    assert isinstance(specs.make_judge("shapes"), shapes.ShapesJudge)
+    assert isinstance(specs.make_editor("shapes"), procedural.ProceduralEditor)
+    assert isinstance(specs.make_judge("shapes"), procedural.ShapesJudge)
     with pytest.raises(ValueError, match="unknown editor"):
         specs.make_editor("paintbrush")
     with pytest.raises(ValueError, match="unknown judge"):

@@ -30,9 +30,9 @@ import judge
 import policy
 import results
 import rewards
-import shapes
 import thinker
 from editors import EditError
+from miniature import dataset, procedural, world
 
 REQUEST = "Recolor the biggest shape to blue"
 
@@ -367,17 +367,17 @@ def test_local_critic_shows_one_composed_image_per_prompt_and_a_junk_answer_stop
 
 
 @pytest.fixture(scope="module")
-def indirect_example() -> shapes.Example:
-    return next(e for e in shapes.make_dataset(40, seed=5) if e.indirect)
+def indirect_example() -> world.Example:
+    return next(e for e in dataset.make_dataset(40, seed=5) if e.indirect)
 
 
 def test_shapes_critic_scores_with_the_rubric_and_refines_without_the_hidden_answer(indirect_example):
     example = indirect_example
     source = example.image
     request = example.request.rstrip(".") + "."  # a full stop, so the rule has something to restate
-    edited = shapes.ProceduralEditor().edit(source, request, seed=1)
-    verdict = shapes.ShapesJudge().judge(source, edited, request)
-    (text,) = critics.JudgeCritic(shapes.ShapesJudge()).critique_many(
+    edited = procedural.ProceduralEditor().edit(source, request, seed=1)
+    verdict = procedural.ShapesJudge().judge(source, edited, request)
+    (text,) = critics.JudgeCritic(procedural.ShapesJudge()).critique_many(
         [critics.CritiqueSample(source, edited, request, request)]
     )
     parsed = rewards.parse_critique(text)
@@ -402,12 +402,12 @@ def test_restate_rule_is_a_fixed_point_on_its_own_output():
 
 def test_judge_critic_takes_the_refiners_instruction_or_keeps_the_current_one(indirect_example):
     source = indirect_example.image
-    edited = shapes.ProceduralEditor().edit(source, "nothing", seed=0)
+    edited = procedural.ProceduralEditor().edit(source, "nothing", seed=0)
     sample = critics.CritiqueSample(source, edited, indirect_example.request, "first try")
     refiner = ScriptedCritic({indirect_example.request: [critique(0, "Remove the red circle", "plan"), "junk"]})
-    critic = critics.JudgeCritic(shapes.ShapesJudge(), refiner=refiner)
+    critic = critics.JudgeCritic(procedural.ShapesJudge(), refiner=refiner)
     good, junk = (rewards.parse_critique(critic.critique_many([sample])[0]) for _ in range(2))
-    score = round(shapes.ShapesJudge().judge(source, edited, indirect_example.request).total, 1)
+    score = round(procedural.ShapesJudge().judge(source, edited, indirect_example.request).total, 1)
     assert good.instruction == "Remove the red circle" and good.score == score  # the refiner's score 0 is ignored
     assert junk.instruction == "first try" and junk.score == score and "did not parse" in junk.think
 
@@ -438,7 +438,7 @@ def test_openai_critic_sends_both_images_and_redacts_errors(monkeypatch, make_im
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    return shapes.write_jsonl(shapes.make_dataset(3, seed=11), tmp_path_factory.mktemp("think_data"), "test")
+    return dataset.write_jsonl(dataset.make_dataset(3, seed=11), tmp_path_factory.mktemp("think_data"), "test")
 
 
 def argv(out: Path, manifest: Path, tiny_models: dict, methods: str, critic: str = "shapes") -> list[str]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import policy
-import tiny
+from miniature import tiny
 
 ARCHS = ["qwen2_5_vl", "qwen3_vl"]
 
@@ -170,7 +170,7 @@ def test_load_policy_missing_path_and_unknown_hub_id_say_how_to_get_the_model(tm
         with pytest.raises(FileNotFoundError) as caught:
             policy.load_policy(name)
         message = str(caught.value)
-        assert name in message and "hf download Qwen/Qwen2.5-VL-7B-Instruct" in message and "tiny.py" in message
+        assert name in message and "hf download Qwen/Qwen2.5-VL-7B-Instruct" in message and "miniature.tiny" in message
     (tmp_path / "empty").mkdir()
     with pytest.raises(policy.PolicyNotFoundError, match="empty"):
         policy.load_policy(str(tmp_path / "empty"))

@@ -152,7 +152,7 @@ def test_train_cli_reports_bad_data_and_missing_model(tmp_path):
     assert proc.returncode == 2 and f"{path}:2: field 'image'" in proc.stderr
     proc = run(["train.py", "--model", str(tmp_path / "no_such_model"), "--train-data", str(EXAMPLE),
                 "--eval-size", "8", "--gpus", "0", "--prompts-per-step", "4", "--micro-batch-size", "4"])  # fmt: skip
-    assert proc.returncode == 2 and "no_such_model" in proc.stderr and "tiny.py" in proc.stderr
+    assert proc.returncode == 2 and "no_such_model" in proc.stderr and "miniature.tiny" in proc.stderr
 
 
 def test_two_nodes_of_one_process_train_and_export(tiny_qwen25, tmp_path):

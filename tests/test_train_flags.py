@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 import grpo
 import rewards
-import tiny
 import train
+from miniature import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "data" / "example" / "train.jsonl"

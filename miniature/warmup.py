@@ -13,8 +13,8 @@ EditThinker's critic-refiner is warmed up the same way (`--agent think`, as Edit
 its input is the source and turn 1 (the source edited with the raw request) side by side, and its target critique
 (thinker.ThinkerTask.warmup_target) gives the judged score of turn 1 and the gold sub-requests as the instruction.
 
-    python warmup.py --model tiny/qwen2_5_vl --train-data data/example/train.jsonl --out runs/warm --steps 60
-    python warmup.py --agent think --editor shapes --judge shapes --out runs/thinker_warm ...
+    python -m miniature.warmup --model tiny/qwen2_5_vl --train-data data/example/train.jsonl --out runs/warm --steps 60
+    python -m miniature.warmup --agent think --editor shapes --judge shapes --out runs/thinker_warm ...
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Args:
                                                "think: EditThinker's critic-refiner (needs 'subrequests')")  # fmt: skip
     editor: str = arg("shapes", "think: the editor that makes turn 1 (specs.make_editor)")
     judge: str = arg("shapes", "think: the judge that scores turn 1 (specs.make_judge)")
-    model: str = arg("tiny/qwen2_5_vl", "policy to warm up (a tiny model folder from `python tiny.py DIR`)")
+    model: str = arg("tiny/qwen2_5_vl", "policy to warm up (a tiny model folder from `python -m miniature.tiny DIR`)")
     train_data: str = arg("data/example/train.jsonl", "RL examples (data.py format); their gold labels are targets")
     out: str = arg("runs/warmup", "where the warmed-up policy is saved (a from_pretrained folder)")
     steps: int = arg(60, "optimizer steps")

@@ -9,7 +9,7 @@ component and writes them with `save_pretrained`. The editors then load the fold
     save_tiny_flux_kontext(out_dir)     -> FluxKontextPipeline:    CLIP + T5 text encoders, FLUX transformer, KL VAE
     save_tiny_qwen_image_edit(out_dir)  -> QwenImageEditPipeline:  tiny Qwen2.5-VL text encoder, MMDiT, Qwen VAE
 
-Usage: `python tiny_pipelines.py OUT_DIR [--seed S]` writes OUT_DIR/flux_kontext and OUT_DIR/qwen_image_edit.
+Usage: `python -m miniature.tiny_pipelines OUT_DIR [--seed S]` writes OUT_DIR/flux_kontext and OUT_DIR/qwen_image_edit.
 
 Design choices a reader should know:
 1. The tokenizers come from small vocabularies written here, never downloaded. CLIP gets a character-level BPE
@@ -21,7 +21,7 @@ Design choices a reader should know:
    `guidance_scale` really reaches the model. The Qwen transformer is not (like Qwen-Image-Edit), so its guidance
    comes from true classifier-free guidance with a negative prompt.
 4. `.eval()` matters: a freshly built T5 has dropout on, and two edits with the same seed would then differ.
-5. The tiny Qwen2.5-VL text encoder, its tokenizer and its processor come from the project's `tiny.py` (shared with
+5. The tiny Qwen2.5-VL text encoder, its tokenizer and its processor come from the miniature's `tiny.py` (shared with
    the policy tests) and `policy.py` (a processor that works without torchvision); they are imported inside
    `build_tiny_qwen_image_edit` so that building the FLUX pipeline needs neither. The saved model_index.json names
    the processor the way the real repository does, so the folder loads exactly like Qwen/Qwen-Image-Edit.
@@ -171,7 +171,7 @@ def build_tiny_qwen_image_edit(seed: int = 0):
     """Build a random `QwenImageEditPipeline` whose text encoder is the project's tiny Qwen2.5-VL."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
 
-    import tiny  # the tiny Qwen2.5-VL, its tokenizer and its torchvision-free processor
+    from miniature import tiny  # the tiny Qwen2.5-VL, its tokenizer and its torchvision-free processor
 
     tokenizer = tiny.build_tokenizer()
     processor = tiny.build_processor(tokenizer, "qwen2_5_vl")

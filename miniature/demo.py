@@ -1,7 +1,7 @@
 """The miniature: ImageEdit-R1's whole method, end to end, on a laptop CPU in minutes (`make demo`).
 
 The paper's claim needs 8 GPUs, a 7B policy, a diffusion editor and GPT-4o as judge. Here the SAME code runs on a
-synthetic world (shapes.py): a tiny Qwen2.5-VL policy of the real architecture (tiny.py), the real `train.py`
+synthetic world (world.py, language.py, dataset.py): a tiny Qwen2.5-VL policy of the real architecture (tiny.py), the real `train.py`
 (GRPO, one CPU process), the real agents and the real `evaluate.py`, with a procedural editor and a programmatic judge
 standing in for FLUX and GPT-4o. Each stage runs as a user would run it (the scripts in subprocesses), per seed:
 
@@ -38,7 +38,7 @@ Why the settings are what they are (measured on this 2-core box; each Args field
       format, action and goal all far from 1. Longer warm-ups buy little: after 800 steps the subject F1 was 0.06.
     - GRPO's lr (5e-4) is far above the paper's 1e-6 because the policy is 250k random parameters, not a pretrained
       7B; 8 prompts x G=8 per step because 4 prompts gave a gradient too noisy to raise the reward on every seed.
-    - The editor and judge rules are fixed in shapes.py and were not touched to make any row win.
+    - The editor and judge rules are fixed in procedural.py and were not touched to make any row win.
 
 What it shows, and what it does not (measured over seeds 0, 1, 2; the README has the table)
     GRPO raises the decomposition reward: sampled 0.26 -> 0.44 over 200 steps, mostly format, action and goal F1,
@@ -53,8 +53,8 @@ What it shows, and what it does not (measured over seeds 0, 1, 2; the README has
     raises its format and score accuracy, but the judged gain of its re-edits stays near -0.25: it cannot name the
     right shapes either, and mostly learns to call turn 1 right.
 
-    python demo.py                         # one seed: ~13 minutes on a quiet 2-core box (~7 with --no-thinker)
-    python demo.py --seeds 0,1,2           # the README's table: three seeds, mean ± std
+    python -m miniature.demo                         # one seed: ~13 minutes on a quiet 2-core box (~7 with --no-thinker)
+    python -m miniature.demo --seeds 0,1,2           # the README's table: three seeds, mean ± std
 """
 
 from __future__ import annotations
@@ -70,16 +70,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import shapes
-import tiny
 from cli import arg, parse_dataclass_args
+from miniature import dataset, tiny
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]  # scripts run from the repository root
 ARCH = "qwen2_5_vl"  # the paper's policy architecture, at tiny size
 DONE_FILE = "demo_stage.json"  # in every stage folder: the settings it was made with
 BENCHMARK_LABEL = "shapes"  # evaluate.py's column label for the test scenes
 JUDGE_LABEL = "shapes"  # and for the programmatic judge
-# Generator seeds of each split, offset by the demo seed: three disjoint streams of scenes (shapes.make_dataset).
+# Generator seeds of each split, offset by the demo seed: three disjoint streams of scenes (dataset.make_dataset).
 DATA_SEED_OFFSETS = {"train": 10_000, "val": 20_000, "test": 30_000}
 # The rows of the miniature Table 1 (evaluate.py method ids) and how results.md names them.
 TABLE1_ROWS = {"original": "Original", "chain": "chain w/o RL", "chain-rl": "chain with RL"}
@@ -112,7 +111,7 @@ class Args:
     out: str = arg("runs/demo", "results folder: one seed{S}/ folder per seed, results.md/.csv for all of them")
     seeds: str = arg("0", "comma-separated seeds; each runs the whole pipeline (the README's table uses 0,1,2)")
     force: bool = arg(False, "redo every stage even when its output exists")
-    # data (shapes.py)
+    # data (dataset.py)
     train_scenes: int = arg(512, "training scenes: 200 GRPO steps of 8 prompts see each about three times")
     val_scenes: int = arg(32, "validation scenes: train.py's greedy held-out reward every --eval-every steps")
     test_scenes: int = arg(128, "held-out test scenes for evaluate.py; 128 puts a row's sampling error near 0.2")
@@ -194,7 +193,7 @@ def make_data(args: Args, seed: int, folder: Path) -> dict:
     if not stage_done(folder, settings):
         fresh(folder)
         for split, n in (("train", args.train_scenes), ("val", args.val_scenes), ("test", args.test_scenes)):
-            shapes.write_jsonl(shapes.make_dataset(n, DATA_SEED_OFFSETS[split] + seed), folder, split)
+            dataset.write_jsonl(dataset.make_dataset(n, DATA_SEED_OFFSETS[split] + seed), folder, split)
         mark_done(folder, settings)
     return settings
 
@@ -219,7 +218,7 @@ def _warm_up(args: Args, seed: int, root: Path, folder: Path, steps: int, agent:
                 "examples": args.warmup_examples}  # fmt: skip
     if not stage_done(folder, settings):
         fresh(folder)
-        run_script(args, ["warmup.py", *agent, "--model", str(root / "tiny"), "--train-data", str(root / "data/train.jsonl"),
+        run_script(args, ["-m", "miniature.warmup", *agent, "--model", str(root / "tiny"), "--train-data", str(root / "data/train.jsonl"),
                           "--out", str(folder), "--steps", str(steps), "--lr", str(args.warmup_lr),
                           "--batch-size", str(args.warmup_batch_size), "--max-examples", str(args.warmup_examples),
                           "--seed", str(seed)], root / log)  # fmt: skip

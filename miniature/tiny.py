@@ -13,7 +13,7 @@ architecture, saves them to a folder, and lets the rest of the code load them ex
 
 Every special-token id comes from the tokenizer (never Qwen's 151xxx defaults, which would be out of range), and
 `mrope_section` sums to head_dim / 2 = 8 (the default assumes head_dim 128). The same seed gives byte-identical
-weights. Usage: `python tiny.py OUT_DIR [--seed S]` writes OUT_DIR/qwen2_5_vl and OUT_DIR/qwen3_vl.
+weights. Usage: `python -m miniature.tiny OUT_DIR [--seed S]` writes OUT_DIR/qwen2_5_vl and OUT_DIR/qwen3_vl.
 """
 
 from __future__ import annotations
