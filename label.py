@@ -15,9 +15,9 @@ paper trained on up to about 4,000 examples (§4.2, gains flatten there). This l
    servers. `parse_label` validates it and normalises every item with `rewards.gold_from_lists`; a reply that is not
    such an object is asked again `--parse-retries` times. Every failure is a counted reject with a reason
    (`REJECT_REASONS`), never a stop.
-4. Append each outcome to the journal `OUT/labels.jsonl` the moment it exists (accepted ones after their PNG is in
-   `OUT/images/`). A killed run, re-run with the same command, skips every id already in the journal, except API
-   failures, which are tried again. At most `--max-concurrency` requests are in flight.
+4. Append each outcome to the journal `OUT/labels.jsonl` (a `records.RecordLog`) the moment it exists (accepted ones
+   after their PNG is in `OUT/images/`). A killed run, re-run with the same command, skips every id already in the
+   journal, except API failures, which are tried again. At most `--max-concurrency` requests are in flight.
 5. At the end, write `train.jsonl` and `heldout.jsonl` (each accepted example goes to held-out when
    sha256(seed, id) falls under `--heldout-fraction`, so the split does not move as more examples are labelled) by
    an atomic rename, check that no id of evaluate.py's sample is in either file, validate both with `load_rl_jsonl`,
@@ -36,12 +36,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -49,6 +48,7 @@ from tqdm import tqdm
 
 import benchmarks
 import judge
+import records
 import teachers
 from cli import arg, parse_dataclass_args
 from data import DataError, load_rl_jsonl, rl_record
@@ -95,33 +95,11 @@ class Outcome:
         return self.reason != teachers.REJECT_API
 
 
-def drop_partial_last_line(path: Path) -> bool:
-    """A run killed mid-write can leave a last line without its newline: cut it (that example is redone)."""
-    if not path.is_file():
-        return False
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return False
-    with path.open("r+b") as f:
-        f.truncate(data.rfind(b"\n") + 1)
-    return True
-
-
 def read_journal(path: Path) -> dict[str, Outcome]:
-    """id -> its latest outcome, in the order ids first appear. DataError names the line of a corrupt record."""
-    outcomes: dict[str, Outcome] = {}
-    if not path.is_file():
-        return outcomes
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                outcome = Outcome(**json.loads(line))
-            except (json.JSONDecodeError, TypeError) as e:
-                raise DataError(
-                    f"{path}:{lineno}: not a journal record ({e}); move the file away to start over"
-                ) from None
-            outcomes[outcome.id] = outcome
-    return outcomes
+    """id -> its latest outcome, in the order ids first appear. A partial last line left by a killed run is cut off
+    (that example is redone); records.RecordFileError names the line of a corrupt record."""
+    outcomes = records.read_records(path, Outcome, repair=True, hint="; move the file away to start over")
+    return {outcome.id: outcome for outcome in outcomes}
 
 
 def prepare_image(image: Image.Image, max_side: int) -> Image.Image:
@@ -142,21 +120,9 @@ def example_key(image: Image.Image, request: str) -> str:
 
 def image_filename(example_id: str) -> str:
     """A file name for an id: readable, filesystem-safe, and unique (a short hash of the full id)."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", example_id).strip("._")[-80:]
-    return f"{slug}-{hashlib.sha256(example_id.encode()).hexdigest()[:10]}.png"
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    """Write next to the target, then rename: a reader never sees half a file, a killed run leaves the old one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    stem = records.file_stem(example_id, keep=80)
+    # An id with no letter or digit: file_stem names it "_-HASH", journals written before it "-HASH"; keep those names.
+    return (stem.removeprefix("_") if records.safe_name(example_id) == "_" else stem) + ".png"
 
 
 def label_into_journal(
@@ -179,14 +145,13 @@ def label_into_journal(
     in_flight: dict[Future, tuple[benchmarks.EditExample, Image.Image, str]] = {}
 
     with (
-        (out / JOURNAL).open("a", encoding="utf-8") as journal,
+        records.RecordLog(out / JOURNAL) as journal,
         ThreadPoolExecutor(teacher.max_concurrency, thread_name_prefix="teacher") as pool,
         tqdm(total=len(examples), desc="labelling", unit="example") as bar,
     ):
 
         def record(outcome: Outcome) -> None:
-            journal.write(json.dumps(asdict(outcome), ensure_ascii=False) + "\n")
-            journal.flush()  # on disk as soon as it exists: a kill loses at most the requests in flight
+            journal.append(outcome)  # on disk as soon as it exists: a kill loses at most the requests in flight
             bar.update(1)
 
         def finish_one() -> None:
@@ -220,7 +185,7 @@ def _outcome(future: Future, example: benchmarks.EditExample, image: Image.Image
     except teachers.LabelError as e:
         return Outcome(example.id, REJECTED, example.request, e.reason, e.detail, key)
     relative = f"{IMAGE_DIR}/{image_filename(example.id)}"
-    _save_png(image, out / relative)
+    records.save_png(image, out / relative)
     gold = reply.gold
     return Outcome(
         example.id,
@@ -331,7 +296,7 @@ def _check_run_config(out: Path, config: dict) -> None:
         if changed:
             raise DataError(f"{out} holds labels of another run ({'; '.join(changed)}); use another --out")
     else:
-        _write_atomic(path, json.dumps(config, indent=2) + "\n")
+        records.write_atomic(path, json.dumps(config, indent=2) + "\n")
 
 
 def _is_heldout(example_id: str, fraction: float, seed: int) -> bool:
@@ -400,7 +365,7 @@ def write_outputs(out: Path, the_plan: Plan, args: Args) -> Summary:
         len(files[HELDOUT_FILE]),
     )
     report = render_report(summary, args)
-    _write_atomic(out / REPORT_FILE, report)
+    records.write_atomic(out / REPORT_FILE, report)
     print(report)
     return summary
 
@@ -478,8 +443,6 @@ def run(args: Args, teacher: teachers.Teacher | None = None) -> Summary | None:
         )
     the_plan = plan(args)
     out = Path(args.out)
-    if drop_partial_last_line(out / JOURNAL):
-        print(f"{out / JOURNAL}: dropped an incomplete last line left by a killed run")
     done = read_journal(out / JOURNAL)
     todo = [e for e in the_plan.examples if e.id not in done or not done[e.id].final]
     if args.max_new:
@@ -507,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_dataclass_args(Args, argv, description=__doc__.split("\n\n")[0])
     try:
         run(args)
-    except (benchmarks.BenchmarkError, DataError, judge.MissingAPIKeyError) as e:
+    except (benchmarks.BenchmarkError, DataError, records.RecordFileError, judge.MissingAPIKeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None  # bad input, as train.py and evaluate.py report it
 

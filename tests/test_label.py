@@ -9,6 +9,7 @@ real column names) or a manifest; each image is a solid colour that identifies i
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -307,6 +308,16 @@ def test_a_killed_run_resumes_without_duplicates_and_ends_as_an_uninterrupted_on
     assert resumed.train == whole.train and resumed.heldout == whole.heldout
 
 
+def test_image_file_names_are_readable_unique_and_the_same_as_before() -> None:
+    def digest(example_id: str) -> str:
+        return hashlib.sha256(example_id.encode()).hexdigest()[:10]
+
+    assert label.image_filename("psr/data/train/0007") == f"psr_data_train_0007-{digest('psr/data/train/0007')}.png"
+    long_id = "x" * 70 + "/" + "y" * 30 + "."
+    assert label.image_filename(long_id) == f"{('x' * 70 + '_' + 'y' * 30)[-80:]}-{digest(long_id)}.png"
+    assert label.image_filename("../") == f"-{digest('../')}.png"  # no letter or digit: journals hold this name
+
+
 def test_max_new_labels_in_chunks_that_add_up_to_one_run(psr_root, tmp_path, server) -> None:
     chunked = tmp_path / "chunked"
     sizes = []
@@ -352,6 +363,20 @@ def test_a_missing_key_is_reported_before_any_work(tmp_path, monkeypatch) -> Non
     with pytest.raises(judge.MissingAPIKeyError, match="OPENAI_API_KEY"):
         label.run(args)  # the key is checked before the (missing) benchmark is even listed
     assert not (tmp_path / "o").exists()
+
+
+def test_a_corrupt_journal_stops_the_run_with_its_line_and_what_to_do(psr_root, tmp_path, server, capsys) -> None:
+    out = tmp_path / "rl"
+    out.mkdir()
+    (out / "labels.jsonl").write_text('{"id": "a", "status": "ok"}\nnot json\n')
+    argv = ["--benchmark", "psr", "--root", str(psr_root), "--teacher", f"openai:fake-teacher@{server.base_url}",
+            "--out", str(out), "--exclude-eval-limit", str(EVAL_LIMIT)]  # fmt: skip
+    with pytest.raises(SystemExit) as caught:
+        label.main(argv)
+    assert caught.value.code == 2  # bad input, not a traceback
+    err = capsys.readouterr().err
+    assert f"{out / 'labels.jsonl'}:2:" in err and "move the file away to start over" in err
+    assert server.requests == []
 
 
 def test_an_output_folder_refuses_labels_of_another_teacher(psr_root, tmp_path, server) -> None:
