@@ -1,10 +1,10 @@
-"""Benchmark of one GRPO step, phase by phase: what a step costs, and what each rollout optimisation saves.
+"""The GRPO step's speed benchmark: what one step costs, phase by phase, and what each rollout optimisation saves.
 
-    python bench.py                          # CPU: the tiny Qwen2.5-VL policy, built and warmed up here (~30 s)
-    python bench.py --compare                # every variant below, taking turns step by step, in one process
-    python bench.py --model qwen2_5_vl_7b    # GPU: the full-size Qwen2.5-VL-7B architecture with random weights
-    python bench.py --model PATH --json out.json
-    python bench.py --rewards                # the reward parsers on long adversarial completions (linear time)
+    python speed.py                          # CPU: the tiny Qwen2.5-VL policy, built and warmed up here (~30 s)
+    python speed.py --compare                # every variant below, taking turns step by step, in one process
+    python speed.py --model qwen2_5_vl_7b    # GPU: the full-size Qwen2.5-VL-7B architecture with random weights
+    python speed.py --model PATH --json out.json
+    python speed.py --rewards                # the reward parsers on long adversarial completions (linear time)
 
 A step is train.py's step without DeepSpeed, on one process: (1) rollout: G samples for each of N prompts,
 (2) reward and group advantages, (3) the reference policy's log-probs, (4) the update: forward, backward and one
@@ -157,7 +157,7 @@ def load_model(args: Args, device: torch.device, dtype: torch.dtype):
             model = Qwen2_5_VLForConditionalGeneration._from_config(full_size_config(name, tokenizer), dtype=dtype)
         return model.eval(), full_size_processor(tokenizer), f"{name} (random weights)"
     if name == "tiny":
-        with tempfile.TemporaryDirectory(prefix="bench_tiny_") as tmp:  # saved and loaded like a real checkpoint
+        with tempfile.TemporaryDirectory(prefix="speed_tiny_") as tmp:  # saved and loaded like a real checkpoint
             folder = tiny.save_tiny_policy(tmp, "qwen2_5_vl", seed=args.seed)
             model, processor = policy.load_policy(str(folder), dtype=dtype, device=str(device))
         return model, processor, "tiny qwen2_5_vl"
