@@ -36,7 +36,7 @@ demo: $(STAMP)
 
 # GRPO step benchmark: tiny policy on CPU, the full-size Qwen2.5-VL-7B architecture (random weights) on a GPU.
 bench: $(STAMP)
-	$(PY) bench.py
+	$(PY) speed.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .hypothesis runs

@@ -165,10 +165,49 @@ def _seeded_generator(seed: int):
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+# -------------------------------------------------------------------------------------- the diffusion editors' loading
+
+
+class DiffusionEditor:
+    """What the two diffusion editors share: the options, the model folder, and the pipeline loaded on first use.
+
+    A subclass names its DEFAULT_MODEL, says how to get the weights (`how_to_get`) and builds its pipeline from
+    `self.model` (`from_pretrained`); `load` checks a local folder first, turns a failed load (not cached offline,
+    gated without a token, a folder that is not this pipeline) into an `EditorSetupError` that says how to get the
+    weights, and places the pipeline on its device.
+    """
+
+    DEFAULT_MODEL: str
+
+    def __init__(self, options: EditorOptions | None = None):
+        self.options = options or EditorOptions()
+        self.model = os.path.expanduser(self.options.model or self.DEFAULT_MODEL)  # diffusers does not expand "~"
+        self._pipe = None
+
+    def how_to_get(self) -> str:
+        """How to get the weights: the end of every setup error."""
+        raise NotImplementedError
+
+    def from_pretrained(self):
+        """The pipeline read from `self.model`, on the CPU (OSError when it cannot be read)."""
+        raise NotImplementedError
+
+    def load(self):
+        """The pipeline, loaded on first use."""
+        if self._pipe is None:
+            check_local_folder(self.model, self.how_to_get())
+            try:
+                pipe = self.from_pretrained()
+            except OSError as err:
+                raise _weights_error(self.model, self.how_to_get(), err) from err
+            self._pipe = _place(pipe, self.options)
+        return self._pipe
+
+
 # ------------------------------------------------------------------------------------------------ FLUX.1 Kontext
 
 
-class FluxKontextEditor:
+class FluxKontextEditor(DiffusionEditor):
     """FLUX.1-Kontext-dev (Black Forest Labs) through diffusers' `FluxKontextPipeline`.
 
     Kontext is guidance-distilled: `guidance_scale` is an input of the model, not classifier-free guidance, so each
@@ -182,11 +221,6 @@ class FluxKontextEditor:
     DEFAULT_STEPS = 28
     DEFAULT_GUIDANCE = 2.5  # BFL's recommended value for Kontext (the pipeline's default is 3.5)
 
-    def __init__(self, options: EditorOptions | None = None):
-        self.options = options or EditorOptions()
-        self.model = os.path.expanduser(self.options.model or self.DEFAULT_MODEL)  # diffusers does not expand "~"
-        self._pipe = None
-
     def how_to_get(self) -> str:
         return (
             f"FLUX.1-Kontext-dev is a GATED model (non-commercial licence): accept the licence on "
@@ -195,20 +229,12 @@ class FluxKontextEditor:
             f"(EditorOptions(model=...))."
         )
 
-    def load(self):
-        """The pipeline, loaded on first use."""
-        if self._pipe is None:
-            from diffusers import FluxKontextPipeline
+    def from_pretrained(self):
+        from diffusers import FluxKontextPipeline
 
-            check_local_folder(self.model, self.how_to_get())
-            try:
-                pipe = FluxKontextPipeline.from_pretrained(
-                    self.model, dtype=_torch_dtype(self.options.dtype), use_safetensors=True
-                )
-            except OSError as err:  # not cached offline, gated without a token, or a folder without model_index.json
-                raise _weights_error(self.model, self.how_to_get(), err) from err
-            self._pipe = _place(pipe, self.options)
-        return self._pipe
+        return FluxKontextPipeline.from_pretrained(
+            self.model, dtype=_torch_dtype(self.options.dtype), use_safetensors=True
+        )
 
     def edit(self, image: Image.Image, instruction: str, seed: int = 0) -> Image.Image:
         pipe = self.load()
@@ -279,7 +305,7 @@ def call_with_condition_area(pipe, condition_area: int, **call_kwargs):
         return call(pipe, **call_kwargs)
 
 
-class QwenImageEditor:
+class QwenImageEditor(DiffusionEditor):
     """Qwen-Image-Edit (Alibaba Qwen) through diffusers' `QwenImageEditPipeline`.
 
     Qwen-Image-Edit is not guidance-distilled: it uses true classifier-free guidance, which the pipeline runs only when
@@ -294,32 +320,19 @@ class QwenImageEditor:
     DEFAULT_TRUE_CFG = 4.0
     DEFAULT_NEGATIVE_PROMPT = " "  # the model card's value: a blank prompt, but non-empty so that CFG runs
 
-    def __init__(self, options: EditorOptions | None = None):
-        self.options = options or EditorOptions()
-        self.model = os.path.expanduser(self.options.model or self.DEFAULT_MODEL)  # diffusers does not expand "~"
-        self._pipe = None
-
     def how_to_get(self) -> str:
         return (
             f"Run `hf download {self.DEFAULT_MODEL}` on a machine with network access (about 58 GB in bf16), or pass "
             f"a local pipeline folder as the model option (EditorOptions(model=...))."
         )
 
-    def load(self):
-        """The pipeline, loaded on first use."""
-        if self._pipe is None:
-            from diffusers import QwenImageEditPipeline
+    def from_pretrained(self):
+        from diffusers import QwenImageEditPipeline
 
-            check_local_folder(self.model, self.how_to_get())
-            try:
-                processor = _load_qwen_edit_processor(self.model)
-                pipe = QwenImageEditPipeline.from_pretrained(
-                    self.model, processor=processor, dtype=_torch_dtype(self.options.dtype), use_safetensors=True
-                )
-            except OSError as err:  # not cached offline, or a folder that is not a Qwen-Image-Edit pipeline
-                raise _weights_error(self.model, self.how_to_get(), err) from err
-            self._pipe = _place(pipe, self.options)
-        return self._pipe
+        processor = _load_qwen_edit_processor(self.model)
+        return QwenImageEditPipeline.from_pretrained(
+            self.model, processor=processor, dtype=_torch_dtype(self.options.dtype), use_safetensors=True
+        )
 
     def edit(self, image: Image.Image, instruction: str, seed: int = 0) -> Image.Image:
         pipe = self.load()

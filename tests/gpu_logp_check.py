@@ -24,11 +24,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import agents  # noqa: E402
-import bench  # noqa: E402
 import data  # noqa: E402
 import grpo  # noqa: E402
 import grpo_fast  # noqa: E402
 import policy  # noqa: E402
+import speed  # noqa: E402
 
 
 def stats(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -91,11 +91,11 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     t = time.perf_counter()
-    model, processor, label = bench.load_model(bench.Args(model=name, seed=0), device, dtype)
+    model, processor, label = speed.load_model(speed.Args(model=name, seed=0), device, dtype)
     print(f"{label} built in {time.perf_counter() - t:.1f} s on {device} ({dtype}); attention "
           f"{model.config._attn_implementation}; transformers {__import__('transformers').__version__}")  # fmt: skip
     sizes = [(1024, 1024), (896, 672)] if name != "tiny" else [(64, 64), (96, 64)]
-    examples = data.load_rl_jsonl(bench.EXAMPLE_DATA)[:2]
+    examples = data.load_rl_jsonl(speed.EXAMPLE_DATA)[:2]
     images = [e.load_image().resize(s, Image.Resampling.BICUBIC) for e, s in zip(examples, sizes)]
     texts = [agents.decomposition_prompt(e.request) for e in examples]
     prompts = policy.encode_prompts(processor, images, texts, system=agents.DECOMPOSITION_SYSTEM)

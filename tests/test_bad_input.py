@@ -24,6 +24,7 @@ from PIL import Image
 import benchmarks
 import data
 import evaluate
+import label
 from miniature import dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +186,7 @@ def test_a_torn_run_json_of_the_labeller_is_reported_with_what_to_do(tmp_path: P
     argv = ["--benchmark", str(manifest), "--exclude-eval-limit", "-1", "--teacher", "openai:m@http://127.0.0.1:9/v1",
             "--out", str(out)]  # fmt: skip
     with pytest.raises(SystemExit) as caught:
-        data.main(argv)
+        label.main(argv)
     assert caught.value.code == 2
     err = capsys.readouterr().err
     assert f"{out / 'run.json'}" in err and "delete it" in err

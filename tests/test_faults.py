@@ -1,7 +1,7 @@
 """Every OpenAI-compatible caller against every fault of tests/fake_openai.py's catalogue (`FAULTS`).
 
 The callers: the judge (`judge.OpenAIJudge`), the critic (`critics.OpenAICritic`), the labelling teacher
-(`data.OpenAITeacher`) and the GPT-Image editor (`editors.GPTImageEditor`). Each fault is tried twice per caller:
+(`teachers.OpenAITeacher`) and the GPT-Image editor (`editors.GPTImageEditor`). Each fault is tried twice per caller:
 once (the next request is healthy) and always (every request of that sample gets it). The contract: each sample ends
 as an answer (a verdict, a critique, a label, an image), possibly after a retry, or as the caller's typed, recorded
 failure (`JudgeFailure`, `CriticFailure`, `LabelError`, `EditError`), never as another exception that would take its
@@ -34,12 +34,13 @@ from fake_openai import (
 from PIL import Image
 
 import critics
-import data
 import editors
 import evaluate
 import judge
+import label
 import results
 import rewards
+import teachers
 from benchmarks import EditExample
 from judge import JudgeFailure, Verdict
 
@@ -177,21 +178,21 @@ def test_critic_mixed_batch_loses_nothing(images) -> None:
 # A fault the teacher saw on every request ends as this reject. A reply that is not a chat completion is not the
 # model's answer: like an HTTP error it is an API failure, which the next run asks again.
 TEACHER_REJECT = {
-    "503 page": data.REJECT_API,
-    "429 without Retry-After": data.REJECT_API,
-    "connection reset": data.REJECT_API,
-    "half a body": data.REJECT_API,
-    "hung reply": data.REJECT_API,
-    "HTML page": data.REJECT_API,
-    "HTML labelled JSON": data.REJECT_API,
-    "empty body": data.REJECT_API,
-    "JSON array": data.REJECT_API,
-    "error object with 200": data.REJECT_API,
-    "no choices": data.REJECT_EMPTY_REPLY,
-    "choices not a list": data.REJECT_API,
-    "null message": data.REJECT_API,
-    "null content": data.REJECT_EMPTY_REPLY,
-    "refusal": data.REJECT_REFUSAL,
+    "503 page": teachers.REJECT_API,
+    "429 without Retry-After": teachers.REJECT_API,
+    "connection reset": teachers.REJECT_API,
+    "half a body": teachers.REJECT_API,
+    "hung reply": teachers.REJECT_API,
+    "HTML page": teachers.REJECT_API,
+    "HTML labelled JSON": teachers.REJECT_API,
+    "empty body": teachers.REJECT_API,
+    "JSON array": teachers.REJECT_API,
+    "error object with 200": teachers.REJECT_API,
+    "no choices": teachers.REJECT_EMPTY_REPLY,
+    "choices not a list": teachers.REJECT_API,
+    "null message": teachers.REJECT_API,
+    "null content": teachers.REJECT_EMPTY_REPLY,
+    "refusal": teachers.REJECT_REFUSAL,
 }
 
 
@@ -203,16 +204,16 @@ def test_the_teacher_table_covers_every_fault() -> None:
 def test_teacher_turns_each_fault_into_a_label_or_a_reject_with_its_reason(name, mode, images) -> None:
     TALLY["tried"] += 1
     with FakeOpenAIServer(faulty(FAULTS[name], json.dumps(LABEL), MODES[mode])) as server:
-        teacher = data.OpenAITeacher("fake", base_url=server.base_url, parse_retries=1, **ENDPOINT)
+        teacher = teachers.OpenAITeacher("fake", base_url=server.base_url, parse_retries=1, **ENDPOINT)
         try:
             outcome = teacher.label(images[0], "make the sky purple")
-        except data.LabelError as err:
+        except teachers.LabelError as err:
             outcome = err
     if name in ANSWERING_FAULTS or (mode == "once" and name != "refusal"):  # a refusal is an answer: not asked again
-        assert isinstance(outcome, data.TeacherReply), outcome
+        assert isinstance(outcome, teachers.TeacherReply), outcome
         assert outcome.gold.subjects[0] == "sky" and outcome.gold.goals[0] == "purple"
     else:
-        assert isinstance(outcome, data.LabelError) and outcome.reason == TEACHER_REJECT[name], outcome
+        assert isinstance(outcome, teachers.LabelError) and outcome.reason == TEACHER_REJECT[name], outcome
     assert_no_key(outcome, getattr(outcome, "gold", ""))
     TALLY["survived"] += 1
 
@@ -236,22 +237,22 @@ def test_teacher_mixed_batch_labels_every_example_and_the_next_run_retries_the_a
         return chat_completion(json.dumps(LABEL)) if name is None else faults[name](json.dumps(LABEL), request)
 
     TALLY["batches"], TALLY["batch samples"] = TALLY["batches"] + 1, TALLY["batch samples"] + len(rows)
-    args = data.Args(
+    args = label.Args(
         benchmark=str(manifest), exclude_eval_limit=-1, out=str(tmp_path / "rl"), max_concurrency=8,
         max_retries=1, timeout=0.5, teacher="unused",
     )  # fmt: skip
     with FakeOpenAIServer(behaviour) as server:
-        teacher = data.OpenAITeacher("fake", base_url=server.base_url, max_concurrency=8, **ENDPOINT)
-        summary = data.run(args, teacher)
+        teacher = teachers.OpenAITeacher("fake", base_url=server.base_url, max_concurrency=8, **ENDPOINT)
+        summary = label.run(args, teacher)
     journal = [json.loads(line) for line in (tmp_path / "rl" / "labels.jsonl").read_text().splitlines()]
     assert sorted(o["id"] for o in journal) == sorted(r["id"] for r in rows)  # one outcome each, none lost
     assert_no_key((tmp_path / "rl" / "labels.jsonl").read_text(), (tmp_path / "rl" / "train.jsonl").read_text())
-    retry = {o["id"] for o in journal if o["reason"] == data.REJECT_API}
+    retry = {o["id"] for o in journal if o["reason"] == teachers.REJECT_API}
     assert len(summary.accepted) >= 20 and summary.remaining == len(retry) > 0
 
     with FakeOpenAIServer(lambda request: chat_completion(json.dumps(LABEL))) as server:
-        teacher = data.OpenAITeacher("fake", base_url=server.base_url, max_concurrency=8, **ENDPOINT)
-        summary = data.run(args, teacher)
+        teacher = teachers.OpenAITeacher("fake", base_url=server.base_url, max_concurrency=8, **ENDPOINT)
+        summary = label.run(args, teacher)
         assert len(server.requests) == len(retry)
     assert summary.remaining == 0
     TALLY["batches finished"] += 1

@@ -57,15 +57,17 @@ def test_leaves_import_nothing_of_ours_and_only_what_they_may():
 
 
 def test_nothing_imports_an_entry_script():
+    benchmark = {"speed": {"train"}}  # the step benchmark times train.py's own step functions
     for name, path in MODULES.items():
-        assert not ours(path) & ENTRY_SCRIPTS, f"{name} imports {ours(path) & ENTRY_SCRIPTS}"
+        reached = ours(path) & ENTRY_SCRIPTS - benchmark.get(name, set())
+        assert not reached, f"{name} imports {reached}"
 
 
 def test_wrappers_import_only_what_they_build_on():
     allowed = {
         "policy": {"grpo"},  # grpo.generate: the one generation call, under an explicit config
         "judge": {"policy"},  # lazily, for the local judge
-        "data": set(),  # the RL data format only
+        "data": {"benchmarks", "rewards"},  # the RL data format: benchmarks.py's image decoder, rewards' lists
         "agents": {"rewards", "policy", "editors"},
         "critics": {"agents", "judge", "policy", "rewards"},
         "thinker": {"agents", "critics", "data", "editors", "rewards"},

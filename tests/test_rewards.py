@@ -87,7 +87,7 @@ def test_no_public_function_raises_and_rewards_are_in_unit_interval(text):
     ids=["open-tags", "close-tags", "brackets", "json-nesting", "long-think", "repeated-answer", "bullets", "spaces"],
 )
 def test_long_adversarial_inputs_get_no_credit(text):
-    # how long these take is measured by `python bench.py --rewards` (linear: ~10 ms; a backtracking regex: minutes)
+    # how long these take is measured by `python speed.py --rewards` (linear: ~10 ms; a backtracking regex: minutes)
     assert format_reward(text) == 0.0
     assert decomposition_reward(text, GOLD).total < 1.0  # a repeated answer may parse, but never earns the format
     parse_items(text)

@@ -1,9 +1,9 @@
-"""The rollout fast paths equal the plain ones, and bench.py measures them.
+"""The rollout fast paths equal the plain ones, and speed.py measures them.
 
 grpo.py's optimisations (issue 8) must change the cost and nothing else: the shared prompt prefill draws the same
 samples under a fixed seed, shared-prompt scoring gives the same log-probs, entropies and gradients, and trimming and
 reordering rows leave every unmasked log-prob where it was. Checked on the tiny Qwen2.5-VL and Qwen3-VL with a
-left-padded batch of prompts whose images differ in size. The bench's pieces are checked too: the full-size configs
+left-padded batch of prompts whose images differ in size. The benchmark's pieces are checked too: the full-size configs
 have the published parameter counts, the FLOP counter sees each prompt run once, and a tiny --compare run completes.
 """
 
@@ -14,10 +14,10 @@ import json
 import pytest
 import torch
 
-import bench
 import grpo
 import grpo_fast
 import policy
+import speed
 from miniature import tiny
 
 TOL = 1e-5  # the issue's bar for "the same log-probs" on the tiny models
@@ -122,7 +122,7 @@ def test_shared_prompt_refuses_gradient_checkpointing(tiny_qwen25, make_image):
 def test_shared_prompt_runs_each_prompt_once(tiny_qwen25, make_image):
     model, processor = policy.load_policy(str(tiny_qwen25))
     batch = _sample(model, processor, _prompts(processor, make_image), 3, False)
-    counter = bench.FlopCounter(model)
+    counter = speed.FlopCounter(model)
     B, P = batch.prompt["input_ids"].shape
     T = batch.completion_ids.shape[1]
     patches = batch.prompt["image_grid_thw"].prod(-1)  # (B,) patches of each row's image
@@ -182,33 +182,33 @@ def test_rows_by_length_sorts_within_groups_only():
     assert (sorted_lengths.diff(dim=1) >= 0).all()  # shortest first within each group, groups kept whole
 
 
-# ----------------------------------------------------------------------------------------------------------- bench
+# ----------------------------------------------------------------------------------------------------------- speed
 
 
 @pytest.mark.parametrize(("name", "billions"), [("qwen2_5_vl_7b", 8.29), ("qwen2_5_vl_3b", 3.75)])
 def test_full_size_configs_have_the_published_parameter_counts(name, billions):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    config = bench.full_size_config(name, tiny.build_tokenizer())
+    config = speed.full_size_config(name, tiny.build_tokenizer())
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = Qwen2_5_VLForConditionalGeneration._from_config(config)
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
 
 
 def test_full_size_processor_gives_1369_image_tokens_for_1024_pixels(make_image):
-    processor = bench.full_size_processor(tiny.build_tokenizer())
+    processor = speed.full_size_processor(tiny.build_tokenizer())
     prompts = policy.encode_prompts(processor, [make_image((1024, 1024))], ["make the sky red"])
     assert int(prompts["mm_token_type_ids"].sum()) == 37 * 37  # 1036 px / 14 px patches / 2x2 merge
     assert prompts["image_grid_thw"].tolist() == [[1, 74, 74]]
 
 
-def test_bench_compare_runs_every_variant_on_the_tiny_policy(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    bench.main(["--model", "tiny", "--compare", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "6",
+def test_speed_compare_runs_every_variant_on_the_tiny_policy(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    speed.main(["--model", "tiny", "--compare", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "6",
                 "--steps", "1", "--warmup-steps", "1", "--json", str(out)])  # fmt: skip
     record = json.loads(out.read_text())
     results = {r["variant"]: r for r in record["results"]}
-    assert list(results) == list(bench.VARIANTS)
+    assert list(results) == list(speed.VARIANTS)
     assert len({r["samples_checksum"] for r in results.values()}) == 1  # every variant drew the same samples
     plain, fast = results["plain"]["phases"], results["sorted_trim"]["phases"]
     assert set(plain) == {"rollout", "reward", "ref_logps", "update"}
@@ -220,16 +220,16 @@ def test_bench_compare_runs_every_variant_on_the_tiny_policy(tmp_path, capsys):
     assert "same samples in every variant: yes" in printed and "sorted_trim: step" in printed
 
 
-def test_bench_full_size_path_runs_with_shrunken_sizes(monkeypatch, tmp_path):
+def test_speed_full_size_path_runs_with_shrunken_sizes(monkeypatch, tmp_path):
     # the GPU path (config built here, 14-pixel patches, random weights, SGD, no warm-up) at toy sizes on the CPU
     # head_dim stays 128, which the full-size M-RoPE sections [16, 24, 24] need; everything else shrinks
     small_text = dict(hidden_size=256, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, vocab_size=2048, tie_word_embeddings=False)  # fmt: skip
-    monkeypatch.setitem(bench.FULL_SIZE, "qwen2_5_vl_toy", {"text": small_text, "vision_out": 256})
-    monkeypatch.setattr(bench, "FULL_SIZE_VISION", bench.FULL_SIZE_VISION | dict(
+    monkeypatch.setitem(speed.FULL_SIZE, "qwen2_5_vl_toy", {"text": small_text, "vision_out": 256})
+    monkeypatch.setattr(speed, "FULL_SIZE_VISION", speed.FULL_SIZE_VISION | dict(
         depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1]))  # fmt: skip
-    out = tmp_path / "bench.json"
-    bench.main(["--model", "qwen2_5_vl_toy", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "4",
+    out = tmp_path / "speed.json"
+    speed.main(["--model", "qwen2_5_vl_toy", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "4",
                 "--image-size", "112", "--steps", "1", "--json", str(out)])  # fmt: skip
     record = json.loads(out.read_text())
     assert record["model"] == "qwen2_5_vl_toy (random weights)" and record["args"]["micro_batch_size"] == 2

@@ -204,7 +204,7 @@ def test_two_nodes_of_one_process_train_and_export(tiny_qwen25, tmp_path):
 def test_missing_training_data_says_how_to_make_it(tmp_path):
     proc = run(["train.py", "--gpus", "0", "--train-data", str(tmp_path / "rl" / "train.jsonl")])
     assert proc.returncode == 2 and "data file not found" in proc.stderr
-    assert "python data.py --benchmark realedit" in proc.stderr and "data/example/train.jsonl" in proc.stderr
+    assert "python label.py --benchmark realedit" in proc.stderr and "data/example/train.jsonl" in proc.stderr
 
 
 def test_help_documents_every_flag():

@@ -1,4 +1,4 @@
-"""Tests for data.py's teacher labeller, against the local OpenAI-compatible test server (tests/fake_openai.py).
+"""Tests for label.py and teachers.py, against the local OpenAI-compatible test server (tests/fake_openai.py).
 
 The fake teacher reads the request out of the prompt ("make the <subject> <goal>") and answers the label a careful
 teacher would give, with untidy case and punctuation so that normalisation is exercised; special requests get
@@ -9,6 +9,7 @@ real column names) or a manifest; each image is a solid colour that identifies i
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -27,7 +28,10 @@ from PIL import Image
 
 import benchmarks
 import data
+import judge
+import label
 import rewards
+import teachers
 
 REPO = Path(__file__).resolve().parents[1]
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -93,7 +97,7 @@ def server():
         yield fake
 
 
-def make_args(out: Path, server: FakeOpenAIServer, **kw) -> data.Args:
+def make_args(out: Path, server: FakeOpenAIServer, **kw) -> label.Args:
     settings = {
         "benchmark": "psr",
         "teacher": f"openai:fake-teacher@{server.base_url}",
@@ -104,7 +108,7 @@ def make_args(out: Path, server: FakeOpenAIServer, **kw) -> data.Args:
         "max_retries": 0,  # a 5xx is an API failure at once (the client's retries are judge.py's tests' business)
         "timeout": 5.0,
     }
-    return data.Args(**(settings | kw))
+    return label.Args(**(settings | kw))
 
 
 def lines(path: Path) -> list[dict]:
@@ -121,31 +125,31 @@ def test_parse_label_normalises_exactly_like_rewards() -> None:
         "goals": ["Scarlet", "copper  red"],
     }
     expected = rewards.gold_from_lists(raw["actions"], raw["subjects"], raw["goals"])
-    assert data.parse_label(json.dumps(raw)) == expected
+    assert teachers.parse_label(json.dumps(raw)) == expected
     assert expected.actions == ["recoloring"] and expected.subjects == ["coat", "hair"]
-    assert data.parse_label("```json\n" + json.dumps(raw) + "\n```") == expected  # a local model's fence
-    assert data.parse_label("Sure! Here it is:\n```json\n" + json.dumps(raw) + "\n```\nDone.") == expected
+    assert teachers.parse_label("```json\n" + json.dumps(raw) + "\n```") == expected  # a local model's fence
+    assert teachers.parse_label("Sure! Here it is:\n```json\n" + json.dumps(raw) + "\n```\nDone.") == expected
 
 
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("", data.REJECT_EMPTY_REPLY),
-        ("   \n", data.REJECT_EMPTY_REPLY),
-        ("Recoloring: coat, hair", data.REJECT_MALFORMED),
-        ('{"actions": ["Recoloring"], "subjects": ["coat"]', data.REJECT_MALFORMED),
-        ('["Recoloring"]', data.REJECT_MALFORMED),
-        ('{"actions": "Recoloring", "subjects": ["coat"], "goals": ["red"]}', data.REJECT_MALFORMED),
-        ('{"actions": ["Recoloring"], "subjects": [3], "goals": ["red"]}', data.REJECT_MALFORMED),
-        ('{"actions": ["Recoloring"], "subjects": ["coat"]}', data.REJECT_MALFORMED),
-        ("[" * 100_000, data.REJECT_MALFORMED),
-        ('{"actions": [], "subjects": [], "goals": []}', data.REJECT_EMPTY_FIELD),
-        ('{"actions": ["Recoloring"], "subjects": ["..."], "goals": ["red"]}', data.REJECT_EMPTY_FIELD),
+        ("", teachers.REJECT_EMPTY_REPLY),
+        ("   \n", teachers.REJECT_EMPTY_REPLY),
+        ("Recoloring: coat, hair", teachers.REJECT_MALFORMED),
+        ('{"actions": ["Recoloring"], "subjects": ["coat"]', teachers.REJECT_MALFORMED),
+        ('["Recoloring"]', teachers.REJECT_MALFORMED),
+        ('{"actions": "Recoloring", "subjects": ["coat"], "goals": ["red"]}', teachers.REJECT_MALFORMED),
+        ('{"actions": ["Recoloring"], "subjects": [3], "goals": ["red"]}', teachers.REJECT_MALFORMED),
+        ('{"actions": ["Recoloring"], "subjects": ["coat"]}', teachers.REJECT_MALFORMED),
+        ("[" * 100_000, teachers.REJECT_MALFORMED),
+        ('{"actions": [], "subjects": [], "goals": []}', teachers.REJECT_EMPTY_FIELD),
+        ('{"actions": ["Recoloring"], "subjects": ["..."], "goals": ["red"]}', teachers.REJECT_EMPTY_FIELD),
     ],
 )
 def test_parse_label_rejects_with_its_reason(text: str, reason: str) -> None:
-    with pytest.raises(data.LabelError) as info:
-        data.parse_label(text)
+    with pytest.raises(teachers.LabelError) as info:
+        teachers.parse_label(text)
     assert info.value.reason == reason
 
 
@@ -154,7 +158,7 @@ def test_parse_label_rejects_with_its_reason(text: str, reason: str) -> None:
 
 def test_labelling_a_benchmark_split_gives_valid_train_input(psr_root, tmp_path, server) -> None:
     out = tmp_path / "rl"
-    summary = data.run(make_args(out, server, root=str(psr_root)))
+    summary = label.run(make_args(out, server, root=str(psr_root)))
     eval_ids = benchmarks.evaluation_ids("psr", psr_root, EVAL_LIMIT, 0)  # what evaluate.py --limit 4 would use
     train, heldout = data.load_rl_jsonl(out / "train.jsonl"), data.load_rl_jsonl(out / "heldout.jsonl")
     written = {e.id: e for e in train + heldout}
@@ -168,7 +172,7 @@ def test_labelling_a_benchmark_split_gives_valid_train_input(psr_root, tmp_path,
         gold = example.gold
         assert (gold.actions, gold.subjects, gold.goals) == expected_gold(request_for(row))
         assert example.load_image().getpixel((3, 3)) == colour(row)  # the row's own picture, saved as PNG
-    assert {e.id for e in heldout} == {i for i in written if data._is_heldout(i, 0.3, 0)}
+    assert {e.id for e in heldout} == {i for i in written if label._is_heldout(i, 0.3, 0)}
     assert train and heldout  # this fixture's ids put examples on both sides
     report = (out / "report.md").read_text()
     assert "| recoloring (8) |" in report and "| accepted | 8 |" in report and "| left out" in report
@@ -203,17 +207,17 @@ def test_bad_teacher_replies_are_rejected_with_reasons_and_the_run_goes_on(tmp_p
         "make the server fail": server_error(503),
     }
     server.route("POST", "/v1/chat/completions", teacher(special))
-    summary = data.run(make_args(tmp_path / "rl", server, benchmark=str(manifest), exclude_eval_limit=-1))
+    summary = label.run(make_args(tmp_path / "rl", server, benchmark=str(manifest), exclude_eval_limit=-1))
 
     reasons = {o.id: o.reason for o in summary.rejected}
     assert reasons == {
-        "bad-json": data.REJECT_MALFORMED,
-        "empty-reply": data.REJECT_EMPTY_REPLY,
-        "empty-field": data.REJECT_EMPTY_FIELD,
-        "refused": data.REJECT_REFUSAL,
-        "good0-copy": data.REJECT_DUPLICATE,
-        "broken-image": data.REJECT_EXAMPLE,
-        "no-request": data.REJECT_EXAMPLE,
+        "bad-json": teachers.REJECT_MALFORMED,
+        "empty-reply": teachers.REJECT_EMPTY_REPLY,
+        "empty-field": teachers.REJECT_EMPTY_FIELD,
+        "refused": teachers.REJECT_REFUSAL,
+        "good0-copy": label.REJECT_DUPLICATE,
+        "broken-image": label.REJECT_EXAMPLE,
+        "no-request": label.REJECT_EXAMPLE,
     }
     assert summary.remaining == 1  # the API failure is not final: the next run asks again
     assert {o.id for o in summary.accepted} == {"good0", "good1", "good2"}
@@ -223,7 +227,7 @@ def test_bad_teacher_replies_are_rejected_with_reasons_and_the_run_goes_on(tmp_p
     assert sent[request_for(0)] == 1 and sent[request_for(0).upper()] == 0  # the duplicate was never sent
     assert sent[request_for(5)] == 0  # nor the unreadable example
     journal = {o["id"]: o for o in lines(tmp_path / "rl" / "labels.jsonl")}
-    assert journal["api-down"]["reason"] == data.REJECT_API and "HTTP 503" in journal["api-down"]["detail"]
+    assert journal["api-down"]["reason"] == teachers.REJECT_API and "HTTP 503" in journal["api-down"]["detail"]
     assert "does not decode" in journal["broken-image"]["detail"]
     assert "same as good0" in journal["good0-copy"]["detail"]
     report = (tmp_path / "rl" / "report.md").read_text()
@@ -233,7 +237,7 @@ def test_bad_teacher_replies_are_rejected_with_reasons_and_the_run_goes_on(tmp_p
     # The next run asks only for the API failure again, and now it succeeds.
     server.route("POST", "/v1/chat/completions", teacher())
     before = len(server.requests)
-    summary = data.run(make_args(tmp_path / "rl", server, benchmark=str(manifest), exclude_eval_limit=-1))
+    summary = label.run(make_args(tmp_path / "rl", server, benchmark=str(manifest), exclude_eval_limit=-1))
     assert [request_of(r) for r in server.requests[before:]] == ["make the server fail"]
     assert summary.remaining == 0 and {o.id for o in summary.accepted} == {"good0", "good1", "good2", "api-down"}
     ids = [e.id for e in data.load_rl_jsonl(tmp_path / "rl" / "train.jsonl")]
@@ -256,7 +260,7 @@ def test_a_killed_run_resumes_without_duplicates_and_ends_as_an_uninterrupted_on
         args = make_args(killed_out, server, root=str(psr_root), max_concurrency=2)
         command = [
             sys.executable,
-            str(REPO / "data.py"),
+            str(REPO / "label.py"),
             "--benchmark",
             "psr",
             "--root",
@@ -290,13 +294,13 @@ def test_a_killed_run_resumes_without_duplicates_and_ends_as_an_uninterrupted_on
             f.write('{"id": "psr/data/train-00000-of-00001/0000')
 
         sent_before = len(server.requests)
-        resumed = data.run(args)
+        resumed = label.run(args)
         resent = [request_of(r) for r in server.requests[sent_before:]]
         assert len(resent) == N_ROWS - EVAL_LIMIT - 2  # only what the journal did not hold, each once
         assert len(set(resent)) == len(resent) and not set(resent) & {o["request"] for o in lines(journal)[:2]}
 
         # The same teacher (the records name it) writing into a fresh folder without interruption.
-        whole = data.run(make_args(tmp_path / "whole", server, root=str(psr_root)))
+        whole = label.run(make_args(tmp_path / "whole", server, root=str(psr_root)))
     journal_ids = [o["id"] for o in lines(journal)]
     assert len(journal_ids) == len(set(journal_ids)) == N_ROWS - EVAL_LIMIT
     for name in ("train.jsonl", "heldout.jsonl"):
@@ -304,22 +308,32 @@ def test_a_killed_run_resumes_without_duplicates_and_ends_as_an_uninterrupted_on
     assert resumed.train == whole.train and resumed.heldout == whole.heldout
 
 
+def test_image_file_names_are_readable_unique_and_the_same_as_before() -> None:
+    def digest(example_id: str) -> str:
+        return hashlib.sha256(example_id.encode()).hexdigest()[:10]
+
+    assert label.image_filename("psr/data/train/0007") == f"psr_data_train_0007-{digest('psr/data/train/0007')}.png"
+    long_id = "x" * 70 + "/" + "y" * 30 + "."
+    assert label.image_filename(long_id) == f"{('x' * 70 + '_' + 'y' * 30)[-80:]}-{digest(long_id)}.png"
+    assert label.image_filename("../") == f"-{digest('../')}.png"  # no letter or digit: journals hold this name
+
+
 def test_max_new_labels_in_chunks_that_add_up_to_one_run(psr_root, tmp_path, server) -> None:
     chunked = tmp_path / "chunked"
     sizes = []
     for _ in range(3):
-        summary = data.run(make_args(chunked, server, root=str(psr_root), max_new=3))
+        summary = label.run(make_args(chunked, server, root=str(psr_root), max_new=3))
         sizes.append(len(summary.accepted))
         assert data.load_rl_jsonl(chunked / "train.jsonl")  # every chunk leaves valid files
     assert sizes == [3, 6, 8]
-    data.run(make_args(tmp_path / "whole", server, root=str(psr_root)))
+    label.run(make_args(tmp_path / "whole", server, root=str(psr_root)))
     assert len(server.requests) == 2 * (N_ROWS - EVAL_LIMIT)  # each example asked once per output folder
     for name in ("train.jsonl", "heldout.jsonl"):
         assert (chunked / name).read_text() == (tmp_path / "whole" / name).read_text()
 
 
 def test_no_evaluation_example_can_reach_the_training_files(psr_root, tmp_path, server) -> None:
-    data.run(make_args(tmp_path / "rl", server, root=str(psr_root), exclude_eval_limit=0))  # 0: the whole split
+    label.run(make_args(tmp_path / "rl", server, root=str(psr_root), exclude_eval_limit=0))  # 0: the whole split
     assert (tmp_path / "rl" / "train.jsonl").read_text() == ""
     assert server.requests == []
 
@@ -329,64 +343,78 @@ def test_no_evaluation_example_can_reach_the_training_files(psr_root, tmp_path, 
     record = data.rl_record("psr/x/000001", "x.png", "r", ["a"], ["s"], ["g"])
     (leaked / "train.jsonl").write_text(json.dumps(record) + "\n")
     with pytest.raises(data.DataError, match="1 examples of evaluate.py's sample"):
-        data.check_no_eval_examples([leaked / "train.jsonl"], {"psr/x/000001"})
+        label.check_no_eval_examples([leaked / "train.jsonl"], {"psr/x/000001"})
 
 
 def test_dry_run_sends_nothing_writes_nothing_and_needs_no_key(psr_root, tmp_path, server, monkeypatch, capsys):
-    data.run(make_args(tmp_path / "rl", server, root=str(psr_root), dry_run=True))
+    label.run(make_args(tmp_path / "rl", server, root=str(psr_root), dry_run=True))
     assert server.requests == [] and not (tmp_path / "rl").exists()
     printed = capsys.readouterr().out
-    assert "cost estimate: 8 requests" in printed and printed.count("[system]") == data.DRY_RUN_SHOWN
+    assert "cost estimate: 8 requests" in printed and printed.count("[system]") == label.DRY_RUN_SHOWN
     assert "Edit request: make the" in printed and "(image (16, 12))" in printed
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    assert data.run(make_args(tmp_path / "rl", server, root=str(psr_root), teacher="gpt-4o", dry_run=True)) is None
+    assert label.run(make_args(tmp_path / "rl", server, root=str(psr_root), teacher="gpt-4o", dry_run=True)) is None
 
 
 def test_a_missing_key_is_reported_before_any_work(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    args = data.Args(benchmark="psr", root=str(tmp_path / "no-such-copy"), teacher="gpt-4o", out=str(tmp_path / "o"))
-    with pytest.raises(data.judge.MissingAPIKeyError, match="OPENAI_API_KEY"):
-        data.run(args)  # the key is checked before the (missing) benchmark is even listed
+    args = label.Args(benchmark="psr", root=str(tmp_path / "no-such-copy"), teacher="gpt-4o", out=str(tmp_path / "o"))
+    with pytest.raises(judge.MissingAPIKeyError, match="OPENAI_API_KEY"):
+        label.run(args)  # the key is checked before the (missing) benchmark is even listed
     assert not (tmp_path / "o").exists()
 
 
+def test_a_corrupt_journal_stops_the_run_with_its_line_and_what_to_do(psr_root, tmp_path, server, capsys) -> None:
+    out = tmp_path / "rl"
+    out.mkdir()
+    (out / "labels.jsonl").write_text('{"id": "a", "status": "ok"}\nnot json\n')
+    argv = ["--benchmark", "psr", "--root", str(psr_root), "--teacher", f"openai:fake-teacher@{server.base_url}",
+            "--out", str(out), "--exclude-eval-limit", str(EVAL_LIMIT)]  # fmt: skip
+    with pytest.raises(SystemExit) as caught:
+        label.main(argv)
+    assert caught.value.code == 2  # bad input, not a traceback
+    err = capsys.readouterr().err
+    assert f"{out / 'labels.jsonl'}:2:" in err and "move the file away to start over" in err
+    assert server.requests == []
+
+
 def test_an_output_folder_refuses_labels_of_another_teacher(psr_root, tmp_path, server) -> None:
-    data.run(make_args(tmp_path / "rl", server, root=str(psr_root), max_new=1))
+    label.run(make_args(tmp_path / "rl", server, root=str(psr_root), max_new=1))
     other = make_args(tmp_path / "rl", server, root=str(psr_root))
     other.teacher = other.teacher.replace("fake-teacher", "other-teacher")
     with pytest.raises(data.DataError, match="holds labels of another run.*teacher"):
-        data.run(other)
+        label.run(other)
 
 
 def test_cost_estimate_follows_openais_image_rule() -> None:
     # OpenAI's worked examples for GPT-4o "high" detail: 1024x1024 -> 765 tokens, 2048x4096 -> 1105 tokens.
-    assert data.gpt4o_image_tokens(1024, 1024) == 765
-    assert data.gpt4o_image_tokens(2048, 4096) == 1105
-    assert data.gpt4o_image_tokens(500, 300) == 85 + 170
+    assert teachers.gpt4o_image_tokens(1024, 1024) == 765
+    assert teachers.gpt4o_image_tokens(2048, 4096) == 1105
+    assert teachers.gpt4o_image_tokens(500, 300) == 85 + 170
     requests = ["make the hat red", "crop"]
-    estimate = data.estimate_cost(requests, 1024, price_input=2.0, price_output=8.0)
-    chars = sum(len(data.TEACHER_SYSTEM) + len(data.teacher_prompt(r)) for r in requests)
-    expected_input = -(-chars // 4) + 2 * data.gpt4o_image_tokens(1024, 768)
+    estimate = teachers.estimate_cost(requests, 1024, price_input=2.0, price_output=8.0)
+    chars = sum(len(teachers.TEACHER_SYSTEM) + len(teachers.teacher_prompt(r)) for r in requests)
+    expected_input = -(-chars // 4) + 2 * teachers.gpt4o_image_tokens(1024, 768)
     assert (estimate.requests, estimate.input_tokens, estimate.output_tokens) == (2, expected_input, 120)
     assert estimate.dollars == pytest.approx((expected_input * 2.0 + 120 * 8.0) / 1e6)
 
 
 def test_teacher_request_has_the_image_prompt_and_strict_schema(psr_root, tmp_path, server) -> None:
-    data.run(make_args(tmp_path / "rl", server, root=str(psr_root), max_new=1, max_image_side=8))
+    label.run(make_args(tmp_path / "rl", server, root=str(psr_root), max_new=1, max_image_side=8))
     body = server.requests[0].json()
     assert body["model"] == "fake-teacher" and body["temperature"] == 0
-    assert body["response_format"] == data.LABEL_RESPONSE_FORMAT
-    assert body["messages"][0] == {"role": "system", "content": data.TEACHER_SYSTEM}
+    assert body["response_format"] == teachers.LABEL_RESPONSE_FORMAT
+    assert body["messages"][0] == {"role": "system", "content": teachers.TEACHER_SYSTEM}
     [url] = server.requests[0].image_urls()
     image = benchmarks.decode_image(base64.b64decode(url.split(",", 1)[1]), "the sent image")
     assert image.size == (8, 6)  # shrunk to --max-image-side before sending, aspect kept
-    assert server.requests[0].texts()[-1].endswith(data.TEACHER_INSTRUCTIONS)
+    assert server.requests[0].texts()[-1].endswith(teachers.TEACHER_INSTRUCTIONS)
 
 
 def test_local_teacher_junk_is_rejected_and_the_run_finishes(psr_root, tmp_path, tiny_qwen25) -> None:
-    local = data.LocalTeacher(str(tiny_qwen25), max_new_tokens=8)
-    args = data.Args(
+    local = teachers.LocalTeacher(str(tiny_qwen25), max_new_tokens=8)
+    args = label.Args(
         benchmark="psr",
         root=str(psr_root),
         teacher=f"local:{tiny_qwen25}",
@@ -394,14 +422,14 @@ def test_local_teacher_junk_is_rejected_and_the_run_finishes(psr_root, tmp_path,
         exclude_eval_limit=EVAL_LIMIT,
         max_new=2,
     )
-    summary = data.run(args, teacher=local)
+    summary = label.run(args, teacher=local)
     assert len(summary.rejected) == 2 and not summary.accepted  # a random tiny model writes no JSON
-    assert {o.reason for o in summary.rejected} <= {data.REJECT_MALFORMED, data.REJECT_EMPTY_REPLY}
+    assert {o.reason for o in summary.rejected} <= {teachers.REJECT_MALFORMED, teachers.REJECT_EMPTY_REPLY}
 
 
 def test_help_documents_every_flag(capsys) -> None:
     with pytest.raises(SystemExit):
-        data.main(["--help"])
+        label.main(["--help"])
     text = capsys.readouterr().out
-    for field in data.Args.__dataclass_fields__.values():
+    for field in label.Args.__dataclass_fields__.values():
         assert "--" + field.name.replace("_", "-") in text and field.metadata["help"][:20] in " ".join(text.split())

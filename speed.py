@@ -1,14 +1,14 @@
-"""Benchmark of one GRPO step, phase by phase: what a step costs, and what each rollout optimisation saves.
+"""The GRPO step's speed benchmark: what one step costs, phase by phase, and what each rollout optimisation saves.
 
-    python bench.py                          # CPU: the tiny Qwen2.5-VL policy, built and warmed up here (~30 s)
-    python bench.py --compare                # every variant below, taking turns step by step, in one process
-    python bench.py --model qwen2_5_vl_7b    # GPU: the full-size Qwen2.5-VL-7B architecture with random weights
-    python bench.py --model PATH --json out.json
-    python bench.py --rewards                # the reward parsers on long adversarial completions (linear time)
+    python speed.py                          # CPU: the tiny Qwen2.5-VL policy, built and warmed up here (~30 s)
+    python speed.py --compare                # every variant below, taking turns step by step, in one process
+    python speed.py --model qwen2_5_vl_7b    # GPU: the full-size Qwen2.5-VL-7B architecture with random weights
+    python speed.py --model PATH --json out.json
+    python speed.py --rewards                # the reward parsers on long adversarial completions (linear time)
 
 A step is train.py's step without DeepSpeed, on one process: (1) rollout: G samples for each of N prompts,
-(2) reward and group advantages, (3) the reference policy's log-probs, (4) the update: forward, backward and one
-optimizer step over micro-batches. For each phase the table gives the wall time, completion tokens per second (tokens
+(2) reward and group advantages, (3) the reference policy's log-probs (train.batched_logps), (4) the update: forward,
+backward and one optimizer step over train.py's micro-batches, each trimmed to its own padding as train.py does. For each phase the table gives the wall time, completion tokens per second (tokens
 up to and including EOS: the work GRPO needs), and the model FLOPs the phase really ran, counted by hooks on the
 language model, the vision tower and the output layer (2 FLOPs per weight per token forward, 6 forward + backward;
 attention scores are left out, so MFU is slightly understated). MFU is those FLOPs per second over the measured peak
@@ -19,12 +19,14 @@ is torch.cuda.max_memory_allocated on a GPU, and the process's maximum resident 
 
 Variants (each adds one optimisation to the one before; in fp32 all give the same samples and log-probs, see the
 tests; in bf16 on a GPU the shared and repeated prefills round differently, so the samples drift apart):
-    plain          train.py as it is: every prompt repeated G times before generation and scoring
+    plain          every prompt repeated G times before generation and scoring, rows in sampling order
     shared_rollout sample_group(prefill=grpo_fast.shared_prompt_inputs): each prompt prefilled once, its KV cache
                    copied to G rows
     shared_logps   per_token_logps(forward=grpo_fast.shared_prompt_logits) in the reference and update passes too
-    sorted_trim    rows sorted by completion length within each group (grpo_fast.rows_by_length) and every
-                   micro-batch cut to its own longest prompt and completion (grpo_fast.trim_padding)
+                   (train.py's --share-prompt: train.scoring_forward)
+    sorted_trim    rows sorted by completion length within each group (grpo_fast.rows_by_length), so that cutting
+                   every micro-batch to its own longest prompt and completion (grpo_fast.trim_padding, which
+                   train.py's scoring passes do in every variant) removes most padding: train.py as it runs
 
 Measuring choices: the reference pass runs the policy's own weights (same architecture, same cost, no second copy in
 memory); the optimizer's learning rate is 0, so every variant and every repeat sees the same weights and draws the same
@@ -53,6 +55,7 @@ import grpo
 import grpo_fast
 import policy
 import rewards
+import train
 from cli import arg, parse_dataclass_args
 from miniature import tiny
 
@@ -157,7 +160,7 @@ def load_model(args: Args, device: torch.device, dtype: torch.dtype):
             model = Qwen2_5_VLForConditionalGeneration._from_config(full_size_config(name, tokenizer), dtype=dtype)
         return model.eval(), full_size_processor(tokenizer), f"{name} (random weights)"
     if name == "tiny":
-        with tempfile.TemporaryDirectory(prefix="bench_tiny_") as tmp:  # saved and loaded like a real checkpoint
+        with tempfile.TemporaryDirectory(prefix="speed_tiny_") as tmp:  # saved and loaded like a real checkpoint
             folder = tiny.save_tiny_policy(tmp, "qwen2_5_vl", seed=args.seed)
             model, processor = policy.load_policy(str(folder), dtype=dtype, device=str(device))
         return model, processor, "tiny qwen2_5_vl"
@@ -294,12 +297,7 @@ class Variant:
     name: str
     share_rollout: bool
     share_logps: bool
-    sort_and_trim: bool
-
-
-def scoring_forward(variant: Variant):
-    """The variant's forward for the reference and update passes (grpo.per_token_logps's `forward`)."""
-    return grpo_fast.shared_prompt_logits if variant.share_logps else grpo.full_sequence_logits
+    sort_rows: bool
 
 
 VARIANTS = {
@@ -313,18 +311,20 @@ VARIANTS = {
 }
 
 
-def micro_batches(batch: grpo.Batch, size: int, variant: Variant) -> list[grpo.Batch]:
-    parts = grpo.split_micro_batches(batch, -(-len(batch) // size))
-    return [grpo_fast.trim_padding(mb) for mb in parts] if variant.sort_and_trim else parts
-
-
-def padded(t: torch.Tensor, T: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, T - t.shape[1]))  # (b, T) zeros after a trimmed micro-batch's end
+def train_args(args: Args, variant: Variant) -> train.Args:
+    """The train.py settings of this step that train.py's scoring passes read (micro-batches, the shared prompt)."""
+    return train.Args(
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        micro_batch_size=args.micro_batch_size,
+        share_prompt=variant.share_logps,
+    )
 
 
 def grpo_step(model, processor, optimizer, prompts, examples, args: Args, variant: Variant, flops: FlopCounter):
     """One GRPO step as train.py runs it; returns ({phase: seconds}, completion tokens, the batch)."""
     device, G = model.device, args.group_size
+    settings = train_args(args, variant)
     timings: dict[str, float] = {}
 
     def phase(name: str):
@@ -338,7 +338,7 @@ def grpo_step(model, processor, optimizer, prompts, examples, args: Args, varian
         suppress_token_ids=policy.vision_token_ids(processor),
         prefill=grpo_fast.shared_prompt_inputs if variant.share_rollout else None,
     )  # fmt: skip
-    if variant.sort_and_trim:
+    if variant.sort_rows:
         batch = grpo.select(batch, grpo_fast.rows_by_length(batch.completion_mask, G))
     sync(device)
     timings["rollout"] = time.perf_counter() - t
@@ -350,21 +350,19 @@ def grpo_step(model, processor, optimizer, prompts, examples, args: Args, varian
     timings["reward"] = time.perf_counter() - t
 
     t = phase("ref_logps")
-    T = batch.completion_ids.shape[1]
-    with torch.no_grad():
-        parts = [
-            padded(grpo.per_token_logps(model, mb, forward=scoring_forward(variant)), T)
-            for mb in micro_batches(batch, args.micro_batch_size, variant)
-        ]
-    batch.ref_per_token_logps = torch.cat(parts)  # (B, T)
+    batch.ref_per_token_logps = train.batched_logps(model, batch, settings)  # (B, T)
     sync(device)
     timings["ref_logps"] = time.perf_counter() - t
 
     t = phase("update")
     model.train()
-    denominator = grpo.loss_denominator(batch.completion_mask, "sequence", args.max_new_tokens)
-    for mb in micro_batches(batch, args.micro_batch_size, variant):
-        logps = grpo.per_token_logps(model, mb, forward=scoring_forward(variant))  # (b, T')
+    denominator = grpo.loss_denominator(batch.completion_mask, settings.aggregation, args.max_new_tokens)
+    # train.update_policy's loop for mu = 1 and one mini-batch (update_policy itself all-reduces the denominator, which
+    # needs a process group): the same micro-batches, the same forward, and the entropy it logs
+    forward = train.scoring_forward(settings)
+    for mb in grpo.split_micro_batches(batch, train._n_micro(batch, settings)):
+        mb = grpo_fast.trim_padding(mb)
+        logps, _ = grpo.per_token_logps(model, mb, return_entropy=True, forward=forward)  # (b, T')
         loss, _ = grpo.grpo_loss(logps, logps.detach(), mb.ref_per_token_logps, mb.advantages, mb.completion_mask,
                                  max_completion_length=args.max_new_tokens, denominator=denominator)  # fmt: skip
         loss.backward()
