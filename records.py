@@ -42,7 +42,8 @@ def read_records(path: Path, cls: type, repair: bool = False, hint: str = "") ->
             f.truncate(complete)
         print(f"{path.name}: dropped a partial last line left by a killed run; that work is redone", file=sys.stderr)
     records = []
-    for lineno, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
+    # split on b"\n" only: str.splitlines would also split inside a record at U+2028, U+2029 or U+0085
+    for lineno, line in enumerate(data[:complete].decode("utf-8").split("\n")[:-1], start=1):
         try:
             records.append(cls(**json.loads(line)))
         except (json.JSONDecodeError, TypeError) as err:
