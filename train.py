@@ -272,6 +272,14 @@ def build_engines(args: Args, world: int, grad_accum: int, bf16: bool, device):
 # ----------------------------------------------------------------------------------------------------------- data
 
 
+# Seed arithmetic: every random draw is a function of --seed and a counter, so a resumed run redraws the same numbers.
+# The multipliers are primes, so different (seed, counter) pairs do not collide into one generator seed.
+HELD_OUT_SEED_OFFSET = 7919  # the held-out draw gets its own stream, distinct from the step draws of the same --seed
+EPOCH_SEED_STRIDE = 100_003  # seed * stride + epoch: one permutation of the training set per (seed, epoch)
+STEP_SEED_STRIDE = 1_000_003  # seed * stride + step * RANK_SEED_STRIDE + rank: one RNG state per (seed, step, rank)
+RANK_SEED_STRIDE = 1009  # larger than any world size, so step s of rank r never meets step s' of rank r'
+
+
 def split_data(args: Args) -> tuple[list[data.RLExample], list[data.RLExample]]:
     """Validated train and held-out examples (held out from train by a seeded draw when no --eval-data)."""
     train = data.load_rl_jsonl(args.train_data)
@@ -279,7 +287,9 @@ def split_data(args: Args) -> tuple[list[data.RLExample], list[data.RLExample]]:
         return train, data.load_rl_jsonl(args.eval_data)
     if len(train) <= args.eval_size:
         raise data.DataError(f"{args.train_data}: {len(train)} examples; need more than --eval-size {args.eval_size}")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 7919)).tolist()
+    order = torch.randperm(
+        len(train), generator=torch.Generator().manual_seed(args.seed + HELD_OUT_SEED_OFFSET)
+    ).tolist()
     held = set(order[: args.eval_size])
     return [e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held]
 
@@ -288,7 +298,9 @@ def prompts_for_step(n_examples: int, step: int, prompts_per_step: int, seed: in
     """Example indices of one global step: consecutive slices of a fresh seeded permutation per epoch."""
     per_epoch = n_examples // prompts_per_step
     epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    order = torch.randperm(
+        n_examples, generator=torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
+    ).tolist()
     return order[k * prompts_per_step : (k + 1) * prompts_per_step]
 
 
@@ -393,7 +405,7 @@ def update_policy(engine, batch: grpo.Batch, args: Args, world_size: int, device
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_heldout(
     engine, processor, task, examples: list[data.RLExample], args: Args, rank: int, world: int, device
 ) -> dict:
     """Greedy completions for this rank's share of the held-out split; mean of each reward component over all.
@@ -503,7 +515,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 def seed_step(seed: int, step: int, rank: int) -> None:
     """All randomness of a step is a function of (seed, step, rank): resuming needs no saved RNG state."""
-    s = (seed * 1_000_003 + step * 1009 + rank) % 2**31
+    s = (seed * STEP_SEED_STRIDE + step * RANK_SEED_STRIDE + rank) % 2**31
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
@@ -627,7 +639,7 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
 
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             engine.eval()
-            record.update(evaluate(engine, processor, task, eval_set, args, rank, world, device))
+            record.update(evaluate_heldout(engine, processor, task, eval_set, args, rank, world, device))
             engine.train()
 
         if rank == 0:
