@@ -106,9 +106,9 @@ def thinker_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[str]]
 def main(argv=None) -> None:
     args = parse_dataclass_args(Args, argv)
     examples = data.load_rl_jsonl(args.train_data)[: args.max_examples]
-    thinker = None
+    think_task = None
     if args.agent == "think":
-        thinker = thinker.ThinkerTask(specs.make_editor(args.editor), specs.make_judge(args.judge))
+        think_task = thinker.ThinkerTask(specs.make_editor(args.editor), specs.make_judge(args.judge))
         subrequests = read_subrequests(args.train_data)
         examples = [e for e in examples if e.id in subrequests]
         if not examples:
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     for step in range(args.steps):
         chunk = rng.sample(examples, min(args.batch_size, len(examples)))
         loss = 0.0
-        pairs = thinker_pairs(chunk, subrequests, thinker) if thinker else supervised_pairs(chunk, subrequests)
+        pairs = thinker_pairs(chunk, subrequests, think_task) if think_task else supervised_pairs(chunk, subrequests)
         for system in dict.fromkeys(p[1] for p in pairs):  # one batch per agent (ordered: deterministic sums)
             group = [p for p in pairs if p[1] == system]
             batch = policy.encode_supervised(

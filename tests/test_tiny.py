@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,7 +184,8 @@ def test_load_policy_dtype(tiny_qwen3):
 
 def test_cli_writes_both_folders(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(tiny.__file__), str(tmp_path / "out"), "--seed", "3"],
+        [sys.executable, "-m", "miniature.tiny", str(tmp_path / "out"), "--seed", "3"],
+        cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
         timeout=120,
