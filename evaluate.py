@@ -65,27 +65,23 @@ Notes
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
-import multiprocessing
 import os
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import huggingface_hub
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import agents
 import benchmarks
-import critics
+import editing
 import editors
-import judge as judging
+import judge
 import policy
 import records
 import report
@@ -184,11 +180,6 @@ EDIT_SETTINGS = (
 # Setup: samples, editor, agents, judges, all checked before any work
 
 
-def example_seed(seed: int, example_id: str) -> int:
-    """Each example's editor seed: independent across examples, the same for every method (paired comparisons)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{example_id}".encode()).digest()[:4], "little")
-
-
 def benchmark_root(root: str | None, spec: str) -> str | None:
     """--root is the benchmark's copy, or holds one folder per benchmark (DIR/realedit), as benchmarks.py fetches."""
     if root is not None and spec in benchmarks.BENCHMARKS and (Path(root) / spec).is_dir():
@@ -208,17 +199,19 @@ def load_samples(args: Args) -> dict[str, list[benchmarks.EditExample]]:
     return samples
 
 
-def build_editor(args: Args) -> editors.Editor:
-    """The editing agent; nothing is loaded until its first edit."""
-    options = editors.EditorOptions(
-        model=args.editor_path,
-        dtype=args.editor_dtype,
-        cpu_offload=args.editor_offload,
-        max_area=args.editor_max_area,
-        steps=args.editor_steps,
-        guidance=args.editor_guidance,
-    )
-    return specs.make_editor(args.editor, options)
+def edit_settings(args: Args) -> editing.EditSettings:
+    """The edit stage's one record, from the command line."""
+    options = editors.EditorOptions(model=args.editor_path, dtype=args.editor_dtype, cpu_offload=args.editor_offload,
+                                    max_area=args.editor_max_area, steps=args.editor_steps,
+                                    guidance=args.editor_guidance)  # fmt: skip
+    chain = agents.ChainSettings(max_new_tokens=args.max_new_tokens, batch_size=max(1, args.agent_batch_size),
+                                 max_steps=args.max_steps)  # fmt: skip
+    return editing.EditSettings(
+        out=Path(args.out), seed=args.seed, batch_size=args.agent_batch_size, gpus=args.gpus, editor=args.editor,
+        editor_options=options, agent_model=args.agent_model, decomposer=args.decomposer, sequencer=args.sequencer,
+        chain=chain, critic=args.critic, max_turns=args.max_turns, think_threshold=args.think_threshold,
+        critic_concurrency=args.judge_concurrency,
+    )  # fmt: skip
 
 
 def check_editor(editor: editors.Editor) -> None:
@@ -240,12 +233,6 @@ def check_editor(editor: editors.Editor) -> None:
         editor.client()  # reads the API key and imports the SDK; sends nothing
 
 
-def make_critic(spec: str, args: Args, load_agent: Callable[[str], agents.Agent]):
-    """The --critic (module docstring; specs.make_critic). load_agent loads (or reuses) a local checkpoint."""
-    return specs.make_critic(spec, load_agent, max_new_tokens=args.max_new_tokens, batch_size=args.agent_batch_size,
-                             concurrency=args.judge_concurrency)  # fmt: skip
-
-
 def check_critic(spec: str, args: Args) -> None:
     """Build the critic with local checkpoints' configs read instead of their weights loaded (fails like build)."""
 
@@ -253,7 +240,7 @@ def check_critic(spec: str, args: Args) -> None:
         policy.load_config(path)
         return agents.Agent(None, None)
 
-    make_critic(spec, args, read_config_only)
+    editing.make_critic(edit_settings(args), read_config_only)
 
 
 def agent_paths(args: Args, methods: Sequence[results.Method]) -> list[str]:
@@ -279,12 +266,12 @@ def preflight(
     for label, spec in judge_specs:
         try:
             judges[label] = specs.make_judge(spec, args.judge_concurrency)
-        except (judging.MissingAPIKeyError, policy.PolicyNotFoundError, ValueError) as err:
+        except (judge.MissingAPIKeyError, policy.PolicyNotFoundError, ValueError) as err:
             problems.append(f"judge {label!r}: {err}")
     editor = None
     if edit_methods:
         try:
-            editor = build_editor(args)
+            editor = editing.make_editor(edit_settings(args))
             check_editor(editor)
         except (editors.EditorSetupError, ValueError) as err:
             problems.append(f"editor {args.editor!r}: {err}")
@@ -296,7 +283,7 @@ def preflight(
         if any(m.spec.think for m in edit_methods):
             try:
                 check_critic(args.critic, args)
-            except (judging.MissingAPIKeyError, policy.PolicyNotFoundError, ValueError) as err:
+            except (judge.MissingAPIKeyError, policy.PolicyNotFoundError, ValueError) as err:
                 problems.append(f"critic {args.critic!r}: {err}")
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         if args.gpus > 1 and torch.cuda.is_available() and args.gpus > (len(visible) or torch.cuda.device_count()):
@@ -340,226 +327,13 @@ def run_lock(out: Path) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Stage 1: edits
-
-
-@dataclass
-class EditJob:
-    """The edits one example still needs (method ids in row order)."""
-
-    benchmark: str
-    example: benchmarks.EditExample
-    methods: list[str]
-
-
-def pending_edits(
-    samples: dict[str, list[benchmarks.EditExample]], methods: Sequence[results.Method], done: set[results.EditKey]
-) -> list[EditJob]:
-    jobs = []
-    for label, examples in samples.items():
-        for example in examples:
-            todo = [m.id for m in methods if (label, example.id, m.id) not in done]
-            if todo:
-                jobs.append(EditJob(label, example, todo))
-    return jobs
-
-
-def agent_placement() -> dict:
-    """Agents in bf16 on the GPU when there is one, else as stored, on the CPU."""
-    return {"device": "cuda", "dtype": torch.bfloat16} if torch.cuda.is_available() else {}
-
-
-class MethodRunner:
-    """Runs one row on a batch of examples with one editor; each agent checkpoint (a local critic's too) is loaded
-    once, on first use, and the critic is built on first use."""
-
-    def __init__(self, args: Args, editor: editors.Editor) -> None:
-        self.args, self.editor = args, editor
-        self._agents: dict[str, agents.Agent] = {}
-        self._critic: critics.Critic | None = None
-
-    def agent(self, path: str) -> agents.Agent:
-        if path not in self._agents:
-            self._agents[path] = agents.Agent(*policy.load_policy(path, **agent_placement()))
-        return self._agents[path]
-
-    def critic(self) -> critics.Critic:
-        if self._critic is None:
-            self._critic = make_critic(self.args.critic, self.args, self.agent)
-        return self._critic
-
-    def chain_settings(self, turns: agents.Turns) -> agents.ChainSettings:
-        a = self.args
-        return agents.ChainSettings(turns=turns, max_new_tokens=a.max_new_tokens, batch_size=a.agent_batch_size,
-                                    max_steps=a.max_steps)  # fmt: skip
-
-    def run(
-        self, method: results.Method, images: list[Image.Image], requests: list[str], seeds: list[int]
-    ) -> list[agents.ChainResult | thinker.ThinkResult]:
-        if method.spec.decomposer == "none" and not method.spec.think:
-            return [agents.edit_original(i, r, self.editor, seed=s) for i, r, s in zip(images, requests, seeds)]
-        if method.spec.decomposer == "none":  # the Think-while-Edit loop from the raw request
-            return thinker.run_think_batch(images, requests, self.editor, self.critic(), seed=seeds,
-                                           max_turns=self.args.max_turns, threshold=self.args.think_threshold)  # fmt: skip
-        decomposer = self.agent(self.args.decomposer if method.spec.decomposer == "trained" else self.args.agent_model)
-        sequencer = self.agent(self.args.sequencer or self.args.agent_model)
-        settings = self.chain_settings(method.turns)
-        if method.spec.think:  # the loop from the chain's single-turn plan
-            return thinker.run_chain_think_batch(images, requests, self.editor, self.critic(), decomposer, sequencer,
-                                                 settings, seeds, self.args.max_turns, self.args.think_threshold)  # fmt: skip
-        return agents.run_chain_batch(images, requests, self.editor, decomposer, sequencer, settings, seeds)
-
-
-def run_edits(
-    jobs: Sequence[EditJob],
-    args: Args,
-    methods: Sequence[results.Method],
-    editor: editors.Editor,
-    log_path: Path,
-    bar=None,
-) -> None:
-    """Edit every job, a batch of examples at a time, appending one EditRecord per (example, method)."""
-    out = Path(args.out)
-    runner = MethodRunner(args, editor)
-    with records.RecordLog(log_path) as log:
-        for rows in agents.batches(len(jobs), max(1, args.agent_batch_size)):
-            batch = [jobs[i] for i in rows]
-            ready = []  # (job, image, source image path)
-            for job in batch:
-                image = job.example.load_image()  # None with example.error set: a corrupt image, a missing field
-                if image is None:
-                    for method_id in job.methods:
-                        log.append(bad_example_record(job, method_id))
-                        if bar is not None:
-                            bar.update(1)
-                    continue
-                source = results.image_path(job.benchmark, "source", job.example.id)
-                if not (out / source).is_file():
-                    records.save_png(image, out / source)
-                ready.append((job, image, source))
-            for method in methods:
-                rows = [row for row in ready if method.id in row[0].methods]
-                if not rows:
-                    continue
-                outcomes = runner.run(
-                    method,
-                    [image for _, image, _ in rows],
-                    [job.example.request for job, _, _ in rows],
-                    [example_seed(args.seed, job.example.id) for job, _, _ in rows],
-                )
-                for (job, _, source), result in zip(rows, outcomes):
-                    log.append(edit_record(out, job, method, source, result))
-                    if bar is not None:
-                        bar.update(1)
-
-
-def bad_example_record(job: EditJob, method_id: str) -> results.EditRecord:
-    """An example that cannot be edited at all: its reason is the one benchmarks.py gives (file, row, field)."""
-    example = job.example
-    return results.EditRecord(
-        benchmark=job.benchmark,
-        example_id=example.id,
-        method=method_id,
-        status=results.BAD_EXAMPLE,
-        reason=example.error,
-        request=example.request,
-        source_image=None,
-        image=None,
-        chain=None,
-        seconds=0.0,
-    )
-
-
-def turn_image_path(benchmark: str, method_id: str, example_id: str, turn: int) -> str:
-    """Where a think row's turn image lives, relative to --out: images/<benchmark>/<method>/turns/<stem>.turn<k>.png."""
-    return f"images/{records.safe_name(benchmark)}/{records.safe_name(method_id)}/turns/{records.file_stem(example_id)}.turn{turn}.png"
-
-
-def edit_record(
-    out: Path, job: EditJob, method: results.Method, source: str, result: agents.ChainResult | thinker.ThinkResult
-) -> results.EditRecord:
-    """Save the edited image (when there is one) and, for a think row, every turn's image; describe the edit."""
-    edited = None
-    if result.final_image is not None:
-        edited = results.image_path(job.benchmark, method.id, job.example.id)
-        records.save_png(result.final_image, out / edited)
-    summary = result.summary()
-    if isinstance(result, thinker.ThinkResult):
-        for turn, turn_summary in zip(result.turns, summary["turns"]):
-            turn_summary["image"] = None
-            if turn.image is not None:
-                turn_summary["image"] = turn_image_path(job.benchmark, method.id, job.example.id, turn.number)
-                records.save_png(turn.image, out / turn_summary["image"])
-    status = results.OK if result.edit_error is None else results.EDIT_ERROR
-    return results.EditRecord(
-        benchmark=job.benchmark,
-        example_id=job.example.id,
-        method=method.id,
-        status=status,
-        reason=result.edit_error,
-        request=job.example.request,
-        source_image=source,
-        image=edited,
-        chain=summary,
-        seconds=result.seconds.total,
-    )
-
-
-def shard_path(out: Path, rank: int) -> Path:
-    return out / f"edits.rank{rank}.jsonl"
-
-
-def edit_worker(args: Args, methods: list[results.Method], jobs: list[EditJob], rank: int, device: str) -> None:
-    """One --gpus worker: its own editor and agents on one GPU, appending to its own shard file."""
-    # Set before this process's first CUDA call (torch reads it then): this worker sees one GPU, as cuda:0.
-    os.environ["CUDA_VISIBLE_DEVICES"] = device
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.gpus))  # share the cores, do not oversubscribe
-    run_edits(jobs, args, methods, build_editor(args), shard_path(Path(args.out), rank))
-
-
-def run_edits_in_workers(jobs: Sequence[EditJob], args: Args, methods: Sequence[results.Method], bar) -> None:
-    """Deal the examples round-robin to --gpus worker processes, count their records for the bar, join them."""
-    out = Path(args.out)
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    devices = visible or [str(rank) for rank in range(args.gpus)]
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state inherited from this one
-    workers, offsets = [], {}
-    for rank in range(args.gpus):
-        share = list(jobs[rank :: args.gpus])
-        if not share:
-            continue
-        path = shard_path(out, rank)
-        offsets[path] = path.stat().st_size if path.exists() else 0
-        worker = context.Process(
-            target=edit_worker,
-            args=(args, list(methods), share, rank, devices[rank % len(devices)]),
-            name=f"edit-worker-{rank}",
-        )
-        worker.start()
-        workers.append(worker)
-    while any(worker.is_alive() for worker in workers):
-        time.sleep(POLL_SECONDS)
-        for path, offset in offsets.items():  # one record = one line: count the new newlines
-            if path.exists():
-                with path.open("rb") as f:
-                    f.seek(offset)
-                    new = f.read()
-                offsets[path] = offset + len(new)
-                bar.update(new.count(b"\n"))
-    failed = [f"{w.name} (exit code {w.exitcode})" for w in workers if w.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"edit workers failed: {', '.join(failed)}; their records are kept, re-run to resume")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Stage 2: judgements
 
 
 def judge_record(
-    edit: results.EditRecord, label: str, result: judging.Verdict | judging.JudgeFailure
+    edit: results.EditRecord, label: str, result: judge.Verdict | judge.JudgeFailure
 ) -> results.JudgeRecord:
-    if isinstance(result, judging.JudgeFailure):
+    if isinstance(result, judge.JudgeFailure):
         return results.JudgeRecord(
             edit.benchmark, edit.example_id, edit.method, label, results.JUDGE_ERROR, result.reason
         )
@@ -577,8 +351,8 @@ def run_judgements(todo: dict[str, list[results.EditRecord]], judges: dict, args
                 samples = [
                     (records.open_rgb(out / e.source_image), records.open_rgb(out / e.image), e.request) for e in batch
                 ]
-                results = judges[label].judge_many(samples, progress=bar.update)
-                for edit, result in zip(batch, results):
+                verdicts = judges[label].judge_many(samples, progress=bar.update)
+                for edit, result in zip(batch, verdicts):
                     log.append(judge_record(edit, label, result))
 
 
@@ -632,7 +406,7 @@ def evaluate(args: Args) -> dict[tuple[str, str, str], results.Cell]:
         wanted = [(b, i, m.id) for b, ids in sample_ids.items() for i in ids for m in methods]
         edits, judgements = results.read_edits(out, repair=True), results.read_judgements(out, repair=True)
         keep = {results.OK} if args.retry_failed else {results.OK, results.BAD_EXAMPLE, results.EDIT_ERROR}
-        jobs = pending_edits(samples, methods, {k for k, r in edits.items() if r.status in keep})
+        jobs = editing.pending_edits(samples, methods, {k for k, r in edits.items() if r.status in keep})
         judged = {k for k, r in judgements.items() if r.status == results.OK or not args.retry_failed}
         problems = check_run_settings(out, args)
         if problems:
@@ -647,9 +421,9 @@ def evaluate(args: Args) -> dict[tuple[str, str, str], results.Cell]:
         total = n_edits * (1 + len(labels)) + n_judgements
         bar = tqdm(total=total, desc="edit", unit="step", disable=not args.progress, dynamic_ncols=True)
         if jobs and args.gpus > 1:
-            run_edits_in_workers(jobs, args, methods, bar)
+            editing.run_edits_in_workers(jobs, edit_settings(args), methods, bar)
         elif jobs:
-            run_edits(jobs, args, methods, editor, out / "edits.jsonl", bar)
+            editing.run_edits(jobs, edit_settings(args), methods, editor, out / "edits.jsonl", bar)
 
         # 2. Judgements of every successful edit, by every judge that has not scored it yet.
         todo = pending_judgements(results.read_edits(out), wanted, labels, judged)

@@ -25,6 +25,7 @@ from PIL import Image
 
 import agents
 import critics
+import editing
 import evaluate
 import judge
 import policy
@@ -496,7 +497,7 @@ def test_evaluate_think_row_with_a_scripted_critic(tmp_path, manifest, tiny_mode
             shown.extend(samples)
             return [critique(3 + 4 * s.instruction.count(" again"), s.instruction + " again") for s in samples]
 
-    monkeypatch.setattr(evaluate, "make_critic", lambda spec, args, load: Rising())
+    monkeypatch.setattr(editing, "make_critic", lambda settings, load: Rising())
     out = tmp_path / "run"
     evaluate.main(argv(out, manifest, tiny_models, "think", critic="scripted"))
     edits = edits_by_method(out)
