@@ -113,6 +113,19 @@ def loss_denominator(completion_mask: torch.Tensor, aggregation: Aggregation, ma
     raise ValueError(f"aggregation must be 'sequence', 'token' or 'constant', got {aggregation!r}")
 
 
+def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation, denominator: float):
+    """agg_{i,t}: the masked per-token loss (B, T) -> a scalar, over the denominator of the WHOLE batch:
+
+    "sequence"  (1/B) sum_i (1/|o_i|) sum_t l_it        each sequence's mean over its own tokens
+    "token"     sum_{i,t} l_it / sum_i |o_i|            every token of the batch weighs the same
+    "constant"  sum_{i,t} l_it / (B * T_max)            a fixed length: no length bias at all
+    """
+    if aggregation == "sequence":
+        per_seq = (per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        return per_seq.sum() / denominator
+    return (per_token_loss * mask).sum() / denominator  # "token" and "constant" differ only in the denominator
+
+
 def importance_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, level: ImportanceLevel = "token") -> torch.Tensor:
     """The importance ratio of every token, (B, T) -> (B, T), from its log-ratio log(pi_theta / pi_old).
 
@@ -169,12 +182,7 @@ def grpo_loss(
     max_len = max_completion_length or completion_mask.shape[1]
     if denominator is None:
         denominator = loss_denominator(completion_mask, aggregation, max_len)
-    if aggregation == "sequence":
-        # each sequence's mean over its own tokens; the sum over sequences is divided by the whole batch's count
-        per_seq = (per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
-        loss = per_seq.sum() / denominator
-    else:
-        loss = (per_token_loss * mask).sum() / denominator  # "token" and "constant" differ only in the denominator
+    loss = aggregate(per_token_loss, mask, aggregation, denominator)  # () agg_{i,t} of the module docstring
 
     with torch.no_grad():
         n_tok = mask.sum().clamp(min=1)
