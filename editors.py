@@ -400,7 +400,18 @@ def image_from_gemini_response(response: Any) -> Image.Image:
     )
 
 
-class NanoBananaEditor:
+class APIEditor:
+    """What the two API editors share: the options, the model name, and the SDK client made on first use (`client`)."""
+
+    DEFAULT_MODEL: str
+
+    def __init__(self, options: EditorOptions | None = None):
+        self.options = options or EditorOptions()
+        self.model = self.options.model or self.DEFAULT_MODEL
+        self._client = None
+
+
+class NanoBananaEditor(APIEditor):
     """Nano Banana (`gemini-2.5-flash-image`) through Google's own SDK.
 
     Image editing is only available through `google-genai` (`client.models.generate_content` with the instruction and
@@ -411,11 +422,6 @@ class NanoBananaEditor:
     name = "nano-banana"
     DEFAULT_MODEL = "gemini-2.5-flash-image"
     KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
-
-    def __init__(self, options: EditorOptions | None = None):
-        self.options = options or EditorOptions()
-        self.model = self.options.model or self.DEFAULT_MODEL
-        self._client = None
 
     def client(self):
         """The google-genai client, created on first use."""
@@ -478,7 +484,7 @@ def image_from_openai_reply(body: str) -> Image.Image:
     return _decode_reply_image(data, "gpt-image")
 
 
-class GPTImageEditor:
+class GPTImageEditor(APIEditor):
     """OpenAI's gpt-image-1 through `client.images.edit`.
 
     The source goes up as a PNG file, the edit comes back as base64 at one of three sizes (the closest aspect ratio
@@ -495,11 +501,6 @@ class GPTImageEditor:
 
     name = "gpt-image"
     DEFAULT_MODEL = "gpt-image-1"
-
-    def __init__(self, options: EditorOptions | None = None):
-        self.options = options or EditorOptions()
-        self.model = self.options.model or self.DEFAULT_MODEL
-        self._client = None
 
     def client(self):
         """The openai client, created on first use."""
