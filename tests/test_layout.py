@@ -22,28 +22,22 @@ MAY_IMPORT_THE_MINIATURE = {"specs", "speed"}  # specs lazily, for the spec "sha
 
 
 def imports(path: Path) -> set[str]:
-    """Top-level names of every module `path` imports, anywhere in the file (lazy imports count)."""
+    """Every module `path` imports, anywhere in the file (lazy imports count); `from miniature import world` counts
+    as miniature.world."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
+            if node.module == "miniature":
+                names |= {f"miniature.{a.name}" for a in node.names}
     return names
 
 
 def ours(path: Path) -> set[str]:
-    """Our modules that `path` imports: top-level names, and miniature.X for the miniature's (`from miniature import
-    world` counts as miniature.world)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module)
-            if node.module == "miniature":
-                found |= {f"miniature.{a.name}" for a in node.names}
-    return {n if n.startswith("miniature.") else n.split(".")[0] for n in found} & (MODULES.keys() | {"miniature"})
+    """Our modules that `path` imports: top-level names, and miniature.X for the miniature's."""
+    return {n if n.startswith("miniature.") else n.split(".")[0] for n in imports(path)} & MODULES.keys()
 
 
 def test_leaves_import_nothing_of_ours_and_only_what_they_may():
@@ -141,3 +135,42 @@ def test_the_distributed_check_sees_calls_through_import_torch(tmp_path):
     sneaky.write_text("import torch\n\n\ndef f(t):\n    torch.distributed.all_reduce(t)\n")
     assert "torch.distributed.all_reduce" in distributed_uses(sneaky)
     assert "torch.distributed.barrier" in distributed_uses(MODULES["train"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The README's file map is generated from the tree: `python tests/test_layout.py` prints it
+
+FILE_MAP_START, FILE_MAP_END = "<!-- file map: python tests/test_layout.py -->", "<!-- end of file map -->"
+
+
+def module_job(path: Path) -> str:
+    return ast.get_docstring(ast.parse(path.read_text())).splitlines()[0].strip()
+
+
+def file_map() -> str:
+    """One Markdown row per module: its path, its lines, its one job (first docstring line), what of ours it imports."""
+    rows = ["| file | lines | its one job | imports (ours) |", "| --- | ---: | --- | --- |"]
+    for name, path in sorted(MODULES.items(), key=lambda kv: (kv[0].startswith("miniature"), kv[0])):
+        uses = ", ".join(sorted(n.removeprefix("miniature.") for n in ours(path) if n != name)) or "—"
+        lines = len(path.read_text().splitlines())
+        rows.append(f"| `{path.relative_to(REPO)}` | {lines} | {module_job(path)} | {uses} |")
+    return "\n".join(rows)
+
+
+def test_the_readme_file_map_is_the_tree():
+    readme = (REPO / "README.md").read_text()
+    assert FILE_MAP_START in readme and FILE_MAP_END in readme, "the README lost its file map markers"
+    shown = readme.split(FILE_MAP_START)[1].split(FILE_MAP_END)[0].strip().splitlines()
+    want = file_map().splitlines()
+    strip_lines = [lambda row: row.split(" | ")[0] + row.split(" | ", 2)[2] if row.count(" | ") > 2 else row]
+    # every file, job and import list exactly; line counts within 10% (they drift with every edit)
+    assert [strip_lines[0](r) for r in shown] == [strip_lines[0](r) for r in want], "run: python tests/test_layout.py"
+    for a, b in zip(shown[2:], want[2:]):
+        old, new = int(a.split(" | ")[1]), int(b.split(" | ")[1])
+        assert abs(old - new) <= max(10, new // 10), f"{a.split(' | ')[0]}: {old} lines shown, {new} in the tree"
+
+
+if __name__ == "__main__":
+    print(FILE_MAP_START)
+    print(file_map())
+    print(FILE_MAP_END)
