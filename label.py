@@ -202,7 +202,7 @@ def _outcome(future: Future, example: benchmarks.EditExample, image: Image.Image
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The run: plan, estimate, label, write, check, report
+# The run: draw, estimate, label, write, check, report
 
 
 @dataclass
@@ -244,7 +244,7 @@ VOCABULARY_SHOWN = 15  # most common items per field in the report
 
 
 @dataclass
-class Plan:
+class Draw:
     """Which examples this output folder labels, and which ones it must never contain."""
 
     examples: list[benchmarks.EditExample]  # to label, in id order
@@ -254,7 +254,7 @@ class Plan:
     excluded: int  # of those, in evaluate.py's sample
 
 
-def plan(args: Args) -> Plan:
+def draw_examples(args: Args) -> Draw:
     """List the split, leave out evaluate.py's sample, draw --limit of the rest."""
     is_benchmark = args.benchmark in benchmarks.BENCHMARKS
     split = args.split or (benchmarks.BENCHMARKS[args.benchmark].train_split if is_benchmark else None)
@@ -266,7 +266,7 @@ def plan(args: Args) -> Plan:
         eval_ids = benchmarks.evaluation_ids(args.benchmark, args.root, args.exclude_eval_limit, args.exclude_eval_seed)
     pool = [example for example in examples if example.id not in eval_ids]
     chosen = benchmarks.sample(pool, args.limit, args.seed)
-    return Plan(chosen, eval_ids, split or "manifest", len(examples), len(examples) - len(pool))
+    return Draw(chosen, eval_ids, split or "manifest", len(examples), len(examples) - len(pool))
 
 
 def _run_config(args: Args, split: str) -> dict:
@@ -331,10 +331,10 @@ class Summary:
     heldout: int
 
 
-def write_outputs(out: Path, the_plan: Plan, args: Args) -> Summary:
+def write_outputs(out: Path, draw: Draw, args: Args) -> Summary:
     """Read the journal back, write train.jsonl and heldout.jsonl atomically, check them, write the report."""
     journal = read_journal(out / JOURNAL)
-    outcomes = [journal[example.id] for example in the_plan.examples if example.id in journal]
+    outcomes = [journal[example.id] for example in draw.examples if example.id in journal]
     accepted = [o for o in outcomes if o.status == OK]
     rejected = [o for o in outcomes if o.status == REJECTED and o.final]
     files: dict[str, list[str]] = {TRAIN_FILE: [], HELDOUT_FILE: []}
@@ -348,19 +348,19 @@ def write_outputs(out: Path, the_plan: Plan, args: Args) -> Summary:
     staged = {name: out / f"{name}.tmp" for name in files}
     for name, lines in files.items():
         staged[name].write_text("".join(lines), encoding="utf-8")
-    check_no_eval_examples(list(staged.values()), the_plan.eval_ids)
+    check_no_eval_examples(list(staged.values()), draw.eval_ids)
     for name, path in staged.items():
         os.replace(path, out / name)
     summary = Summary(
         args.benchmark,
-        the_plan.split,
+        draw.split,
         args.teacher,
-        the_plan.candidates,
-        the_plan.excluded,
-        len(the_plan.examples),
+        draw.candidates,
+        draw.excluded,
+        len(draw.examples),
         accepted,
         rejected,
-        len(the_plan.examples) - len(accepted) - len(rejected),
+        len(draw.examples) - len(accepted) - len(rejected),
         len(files[TRAIN_FILE]),
         len(files[HELDOUT_FILE]),
     )
@@ -441,15 +441,15 @@ def run(args: Args, teacher: teachers.Teacher | None = None) -> Summary | None:
             max_retries=args.max_retries,
             parse_retries=args.parse_retries,
         )
-    the_plan = plan(args)
+    draw = draw_examples(args)
     out = Path(args.out)
     done = read_journal(out / JOURNAL)
-    todo = [e for e in the_plan.examples if e.id not in done or not done[e.id].final]
+    todo = [e for e in draw.examples if e.id not in done or not done[e.id].final]
     if args.max_new:
         todo = todo[: args.max_new]
     print(
-        f"{the_plan.candidates} examples in {args.benchmark} ({the_plan.split}), {the_plan.excluded} left out as "
-        f"evaluate.py's sample, {len(the_plan.examples)} drawn, {len(the_plan.examples) - len(todo)} already "
+        f"{draw.candidates} examples in {args.benchmark} ({draw.split}), {draw.excluded} left out as "
+        f"evaluate.py's sample, {len(draw.examples)} drawn, {len(draw.examples) - len(todo)} already "
         f"done, {len(todo)} to label"
     )
     print(
@@ -461,9 +461,9 @@ def run(args: Args, teacher: teachers.Teacher | None = None) -> Summary | None:
         show_prompts(todo, args.max_image_side)
         return None
     out.mkdir(parents=True, exist_ok=True)
-    _check_run_config(out, _run_config(args, the_plan.split))
+    _check_run_config(out, _run_config(args, draw.split))
     label_into_journal(todo, teacher, out, done, args.max_image_side)
-    return write_outputs(out, the_plan, args)
+    return write_outputs(out, draw, args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,7 +57,7 @@ class _Part:
 
 
 @dataclass
-class _Plan:
+class _Draft:
     """What the clauses chosen so far use up, so that the next one keeps the edits independent (docstring)."""
 
     scene: Scene
@@ -137,9 +137,9 @@ def _anchor_phrase(rng: random.Random, scene: Scene, s: Shape, hide_colour: bool
     return rng.choice(phrases)
 
 
-def _groups(plan: _Plan) -> list[tuple[str, list[Shape]]]:
+def _groups(draft: _Draft) -> list[tuple[str, list[Shape]]]:
     """Group phrases whose members (2 or more) are all still free to edit."""
-    shapes, free = plan.scene.shapes, set(plan.free())
+    shapes, free = draft.scene.shapes, set(draft.free())
     groups = [
         (f"everything on the {side}", [s for s in shapes if s.cell in cells]) for side, cells in COLUMN_CELLS.items()
     ]
@@ -151,39 +151,39 @@ def _groups(plan: _Plan) -> list[tuple[str, list[Shape]]]:
     return [(text, members) for text, members in groups if len(members) >= 2 and set(members) <= free]
 
 
-def _pick_subjects(rng: random.Random, plan: _Plan, allow_group: bool) -> tuple[str, list[Shape]] | None:
+def _pick_subjects(rng: random.Random, draft: _Draft, allow_group: bool) -> tuple[str, list[Shape]] | None:
     """(noun phrase, shapes) for the subject of a new clause, or None if no shape is free."""
-    groups = _groups(plan) if allow_group else []
+    groups = _groups(draft) if allow_group else []
     if groups and rng.random() < P_GROUP:
         return rng.choice(groups)
-    free = plan.free()
+    free = draft.free()
     if not free:
         return None
     s = rng.choice(free)
-    return _subject_phrase(rng, plan.scene, s), [s]
+    return _subject_phrase(rng, draft.scene, s), [s]
 
 
-def _other_free(plan: _Plan, exclude: list[Shape]) -> list[Shape]:
+def _other_free(draft: _Draft, exclude: list[Shape]) -> list[Shape]:
     """Shapes that can serve as anchors: not edited by any clause and not a subject of this one."""
-    return [s for s in plan.scene.shapes if s not in plan.touched and s not in exclude]
+    return [s for s in draft.scene.shapes if s not in draft.touched and s not in exclude]
 
 
-def _recolor_part(rng: random.Random, plan: _Plan) -> _Part | None:
-    picked = _pick_subjects(rng, plan, allow_group=True)
+def _recolor_part(rng: random.Random, draft: _Draft) -> _Part | None:
+    picked = _pick_subjects(rng, draft, allow_group=True)
     if picked is None:
         return None
     np_text, subjects = picked
 
     def valid(colour: str) -> bool:
-        return all(s.colour != colour and plan.name_free(f"{colour} {s.kind}") for s in subjects)
+        return all(s.colour != colour and draft.name_free(f"{colour} {s.kind}") for s in subjects)
 
     verb = rng.choice(["recolor {np} to {goal}", "make {np} {goal}", "paint {np} {goal}", "turn {np} {goal}"])
     verb = rng.choice([verb, "change the colour of {np} to {goal}", "change the color of {np} to {goal}"])
-    anchors = [a for a in _other_free(plan, subjects) if valid(a.colour)]
+    anchors = [a for a in _other_free(draft, subjects) if valid(a.colour)]
     if len(subjects) == 1 and anchors and rng.random() < P_RELATIONAL_GOAL:
         anchor = rng.choice(anchors)
         relation = rng.choice(["the colour of {a}", "the same colour as {a}", "the color of {a}"])
-        goal_text = relation.format(a=_anchor_phrase(rng, plan.scene, anchor, hide_colour=True))
+        goal_text = relation.format(a=_anchor_phrase(rng, draft.scene, anchor, hide_colour=True))
         edits = [Edit("recolor", subjects[0].name, anchor.colour)]
         return _Part(verb.format(np=np_text, goal=goal_text), edits, [anchor])
     colours = [c for c in COLOURS if valid(c)]
@@ -194,8 +194,8 @@ def _recolor_part(rng: random.Random, plan: _Plan) -> _Part | None:
     return _Part(verb.format(np=np_text, goal=colour), edits, [])
 
 
-def _remove_part(rng: random.Random, plan: _Plan) -> _Part | None:
-    picked = _pick_subjects(rng, plan, allow_group=True)
+def _remove_part(rng: random.Random, draft: _Draft) -> _Part | None:
+    picked = _pick_subjects(rng, draft, allow_group=True)
     if picked is None:
         return None
     np_text, subjects = picked
@@ -203,18 +203,18 @@ def _remove_part(rng: random.Random, plan: _Plan) -> _Part | None:
     return _Part(verb.format(np=np_text), [Edit("remove", s.name, REMOVED) for s in subjects], [])
 
 
-def _resize_part(rng: random.Random, plan: _Plan) -> _Part | None:
-    picked = _pick_subjects(rng, plan, allow_group=True)
+def _resize_part(rng: random.Random, draft: _Draft) -> _Part | None:
+    picked = _pick_subjects(rng, draft, allow_group=True)
     if picked is None:
         return None
     np_text, subjects = picked
     if len({s.size for s in subjects}) != 1:  # "make everything on the left small" must change every member
         return None
     size = "small" if subjects[0].size == "large" else "large"
-    anchors = [a for a in _other_free(plan, subjects) if a.size == size]
+    anchors = [a for a in _other_free(draft, subjects) if a.size == size]
     if len(subjects) == 1 and anchors and rng.random() < P_RELATIONAL_GOAL:
         anchor = rng.choice(anchors)
-        text = f"make {np_text} the same size as {_anchor_phrase(rng, plan.scene, anchor, hide_colour=False)}"
+        text = f"make {np_text} the same size as {_anchor_phrase(rng, draft.scene, anchor, hide_colour=False)}"
         return _Part(text, [Edit("resize", subjects[0].name, size)], [anchor])
     verbs = ["make {np} {goal}", "resize {np} to {goal}", "shrink {np}" if size == "small" else "enlarge {np}"]
     text = rng.choice(verbs).format(np=np_text, goal=size)
@@ -222,33 +222,33 @@ def _resize_part(rng: random.Random, plan: _Plan) -> _Part | None:
 
 
 def _place_phrase(
-    rng: random.Random, plan: _Plan, exclude: list[Shape], literal: list[str]
+    rng: random.Random, draft: _Draft, exclude: list[Shape], literal: list[str]
 ) -> tuple[str, str, list[Shape]] | None:
     """(goal text, cell, anchors) for where an add/move goes: a free cell, named or relative to an anchor."""
     relative = []
-    for anchor in _other_free(plan, exclude):
+    for anchor in _other_free(draft, exclude):
         row, col = divmod(CELLS.index(anchor.cell), GRID)
         for relation, (d_row, d_col) in NEIGHBOUR_STEPS.items():
             r, c = row + d_row, col + d_col
-            if 0 <= r < GRID and 0 <= c < GRID and plan.cell_free(CELLS[r * GRID + c]):
+            if 0 <= r < GRID and 0 <= c < GRID and draft.cell_free(CELLS[r * GRID + c]):
                 relative.append((relation, anchor, CELLS[r * GRID + c]))
     if relative and rng.random() < P_RELATIONAL_GOAL:
         relation, anchor, cell = rng.choice(relative)
         words = relation if relation in ("above", "below") else f"to the {relation}"
-        return f"{words} {_anchor_phrase(rng, plan.scene, anchor, hide_colour=False)}", cell, [anchor]
-    cells = [c for c in CELLS if plan.cell_free(c)]
+        return f"{words} {_anchor_phrase(rng, draft.scene, anchor, hide_colour=False)}", cell, [anchor]
+    cells = [c for c in CELLS if draft.cell_free(c)]
     if not cells:
         return None
     cell = rng.choice(cells)
     return rng.choice(literal).format(cell=cell), cell, []
 
 
-def _move_part(rng: random.Random, plan: _Plan) -> _Part | None:
-    picked = _pick_subjects(rng, plan, allow_group=False)
+def _move_part(rng: random.Random, draft: _Draft) -> _Part | None:
+    picked = _pick_subjects(rng, draft, allow_group=False)
     if picked is None:
         return None
     np_text, subjects = picked
-    place = _place_phrase(rng, plan, subjects, ["to the {cell}", "into the {cell}"])
+    place = _place_phrase(rng, draft, subjects, ["to the {cell}", "into the {cell}"])
     if place is None:
         return None
     goal_text, cell, anchors = place
@@ -259,9 +259,9 @@ def _move_part(rng: random.Random, plan: _Plan) -> _Part | None:
     return _Part(f"{verb} {np_text} {goal_text}", edits, anchors)
 
 
-def _add_part(rng: random.Random, plan: _Plan) -> _Part | None:
-    names = [f"{c} {k}" for c in COLOURS for k in KINDS if plan.name_free(f"{c} {k}")]
-    place = _place_phrase(rng, plan, [], ["at the {cell}", "in the {cell}"])
+def _add_part(rng: random.Random, draft: _Draft) -> _Part | None:
+    names = [f"{c} {k}" for c in COLOURS for k in KINDS if draft.name_free(f"{c} {k}")]
+    place = _place_phrase(rng, draft, [], ["at the {cell}", "in the {cell}"])
     if not names or place is None:
         return None
     name = rng.choice(names)
@@ -294,15 +294,15 @@ def _random_scene(rng: random.Random) -> Scene:
 def make_example(rng: random.Random, example_id: str = "shapes") -> Example:
     """A random scene and a request of 1-3 clauses (at most MAX_EDITS edits), with its gold edits and target."""
     scene = _random_scene(rng)
-    plan = _Plan(scene, set(), set(), set(), set())
+    draft = _Draft(scene, set(), set(), set(), set())
     parts: list[_Part] = []
     n_parts = rng.randint(1, 3)
     for _ in range(20 * n_parts):  # a few draws fail a constraint (a full grid, a used shape): draw again
         if len(parts) == n_parts:
             break
-        part = _PART_MAKERS[rng.choice(ACTIONS)](rng, plan)
-        if part is not None and plan.admits(part):
-            plan.commit(part)
+        part = _PART_MAKERS[rng.choice(ACTIONS)](rng, draft)
+        if part is not None and draft.admits(part):
+            draft.commit(part)
             parts.append(part)
     if not parts:
         raise RuntimeError(f"make_example: no admissible clause for the scene [{scene.describe()}]")

@@ -583,8 +583,8 @@ def test_an_editor_refusal_is_an_edit_error_record_and_counted(tmp_path: Path, m
     ]
     args = evaluate.Args(out=str(tmp_path), methods="original", judges="unused")
     methods = results.parse_methods(args.methods, args.turns)
-    tasks = editing.pending_edits({"mine": examples}, methods, done=set())
-    editing.run_edits(tasks, evaluate.edit_settings(args), methods, RefusingEditor(), tmp_path / "edits.jsonl")
+    jobs = editing.pending_edits({"mine": examples}, methods, done=set())
+    editing.run_edits(jobs, evaluate.edit_settings(args), methods, RefusingEditor(), tmp_path / "edits.jsonl")
 
     records = {r["example_id"]: r for r in jsonl(tmp_path / "edits.jsonl")}
     assert records["a"]["status"] == "ok" and records["a"]["reason"] is None

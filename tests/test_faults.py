@@ -345,8 +345,8 @@ def test_gpt_image_mixed_batch_in_evaluate_records_every_example(tmp_path, make_
     args = evaluate.Args(out=str(tmp_path), methods="original", judges="unused", agent_batch_size=8)
     methods = results.parse_methods(args.methods, args.turns)
     with server:
-        tasks = editing.pending_edits({"m": examples}, methods, done=set())
-        editing.run_edits(tasks, evaluate.edit_settings(args), methods, gpt_image(server), tmp_path / "edits.jsonl")
+        jobs = editing.pending_edits({"m": examples}, methods, done=set())
+        editing.run_edits(jobs, evaluate.edit_settings(args), methods, gpt_image(server), tmp_path / "edits.jsonl")
     text = (tmp_path / "edits.jsonl").read_text()
     records = {r["request"]: r for r in map(json.loads, text.splitlines())}
     assert sorted(records) == sorted(requests)
