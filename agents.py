@@ -35,10 +35,11 @@ are passed in, so tests hand in fakes.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -93,11 +94,6 @@ Example: for the request "Change the color of her coat and possibly hair to scar
 )
 
 
-def decomposition_prompt(request: str) -> str:
-    """The user text that follows the image in the decomposition agent's prompt: the request and the format."""
-    return f"Edit request: {request.strip()}\n\n{DECOMPOSITION_FORMAT}"
-
-
 @dataclass(frozen=True)
 class DecompositionResult:
     """One decomposition agent answer: the raw completion and its lenient parse (None when a list tag is missing)."""
@@ -134,15 +130,70 @@ def _list_line(items: list[str]) -> str:
     return ", ".join(items) if items else "(none)"
 
 
-def sequencing_prompt(request: str, decomposition: rewards.Decomposition) -> str:
-    """The user text that follows the image in the sequencing agent's prompt: request, decomposition, format."""
-    return (
-        f"Edit request: {request.strip()}\n"
-        f"Actions: {_list_line(decomposition.actions)}\n"
-        f"Subjects: {_list_line(decomposition.subjects)}\n"
-        f"Goals: {_list_line(decomposition.goals)}\n\n"
-        f"{SEQUENCING_FORMAT}"
-    )
+_FIELD_RE = re.compile(r"\{(request|actions|subjects|goals)\}")
+
+
+def _fill(template: str, **values: str) -> str:
+    """The template with each {field} replaced, in one pass: a value that itself holds "{goals}" is left as it is."""
+    return _FIELD_RE.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+class PromptsError(ValueError):
+    """A prompts file that cannot be used: the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The two agents' prompts: a system turn each (None: no system turn) and a user-text template each.
+
+    Templates fill {request}, and the sequencer's also {actions}, {subjects}, {goals} (each list comma-joined). The
+    paper's full prompts (`PAPER_PROMPTS`) are the default for real models. A small model trained on short templates
+    of its own (the miniature's base) ships them as a JSON file of these four fields, which train.py and evaluate.py
+    take as `--prompts PATH` (`Prompts.load`).
+    """
+
+    decomposition_system: str | None
+    decomposition: str
+    sequencing_system: str | None
+    sequencing: str
+
+    def decomposition_prompt(self, request: str) -> str:
+        """The user text of the decomposition agent (the image comes with it, where the chat template puts it)."""
+        return _fill(self.decomposition, request=request.strip())
+
+    def sequencing_prompt(self, request: str, decomposition: rewards.Decomposition) -> str:
+        """The user text of the sequencing agent: the request and the three lists, in its template."""
+        d = decomposition
+        return _fill(self.sequencing, request=request.strip(), actions=_list_line(d.actions),
+                     subjects=_list_line(d.subjects), goals=_list_line(d.goals))  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str) -> Prompts:
+        """Prompts from a JSON object with exactly the four fields (a system may be null)."""
+        try:
+            data = json.loads(open(path, encoding="utf-8").read())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PromptsError(f"{path}: not a readable JSON prompts file ({err})") from None
+        names = [f.name for f in fields(cls)]
+        if not isinstance(data, dict) or set(data) != set(names):
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise PromptsError(f"{path}: expected the fields {names}, got {got}")
+        for name in names:
+            ok = isinstance(data[name], str) or (data[name] is None and name.endswith("_system"))
+            if not ok:
+                raise PromptsError(f"{path}: field {name!r} must be a string{' or null' * name.endswith('_system')}")
+        if "{request}" not in data["decomposition"]:
+            raise PromptsError(f"{path}: field 'decomposition' must contain {{request}}")
+        return cls(**data)
+
+
+PAPER_PROMPTS = Prompts(
+    decomposition_system=DECOMPOSITION_SYSTEM,
+    decomposition="Edit request: {request}\n\n" + DECOMPOSITION_FORMAT,
+    sequencing_system=SEQUENCING_SYSTEM,
+    sequencing="Edit request: {request}\nActions: {actions}\nSubjects: {subjects}\nGoals: {goals}\n\n"
+    + SEQUENCING_FORMAT,
+)
 
 
 _STEPS_OPEN, _STEPS_CLOSE = "<steps>", "</steps>"
@@ -233,6 +284,7 @@ def decompose(
     images: Sequence[Image.Image],
     requests: Sequence[str],
     *,
+    prompts: Prompts = PAPER_PROMPTS,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     greedy: bool = True,
     temperature: float = 1.0,
@@ -240,13 +292,12 @@ def decompose(
     """Run the decomposition agent on a batch of (image, request) pairs with one generate call."""
     if len(images) != len(requests):
         raise ValueError(f"decompose: {len(images)} images but {len(requests)} requests")
-    prompts = [decomposition_prompt(request) for request in requests]
     texts = policy.generate_texts(
         model,
         processor,
         images,
-        prompts,
-        DECOMPOSITION_SYSTEM,
+        [prompts.decomposition_prompt(request) for request in requests],
+        prompts.decomposition_system,
         max_new_tokens=max_new_tokens,
         greedy=greedy,
         temperature=temperature,
@@ -261,6 +312,7 @@ def sequence(
     requests: Sequence[str],
     decompositions: Sequence[rewards.Decomposition],
     *,
+    prompts: Prompts = PAPER_PROMPTS,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     greedy: bool = True,
     temperature: float = 1.0,
@@ -268,13 +320,12 @@ def sequence(
     """Run the sequencing agent on a batch of (image, request, decomposition) triples with one generate call."""
     if not len(images) == len(requests) == len(decompositions):
         raise ValueError(f"sequence: {len(images)} images, {len(requests)} requests, {len(decompositions)} decomps")
-    prompts = [sequencing_prompt(request, d) for request, d in zip(requests, decompositions)]
     texts = policy.generate_texts(
         model,
         processor,
         images,
-        prompts,
-        SEQUENCING_SYSTEM,
+        [prompts.sequencing_prompt(request, d) for request, d in zip(requests, decompositions)],
+        prompts.sequencing_system,
         max_new_tokens=max_new_tokens,
         greedy=greedy,
         temperature=temperature,
@@ -411,6 +462,7 @@ class ChainSettings:
     greedy          True: argmax decoding (evaluation); False: sampling at `temperature` from the full softmax
     batch_size      examples per generate call of an agent
     max_steps       sub-requests beyond this many are dropped (counted in ChainResult.dropped_steps)
+    prompts         the two agents' prompts (the paper's by default)
     """
 
     turns: Turns = "single"
@@ -419,6 +471,7 @@ class ChainSettings:
     temperature: float = 1.0
     batch_size: int = DEFAULT_BATCH_SIZE
     max_steps: int = DEFAULT_MAX_STEPS
+    prompts: Prompts = PAPER_PROMPTS
 
     def __post_init__(self) -> None:
         if self.turns not in ("single", "multi"):
@@ -461,7 +514,7 @@ def decompose_and_sequence(
     seeds = editor_seeds(seed, n, "decompose_and_sequence")
     sequencer = decomposer if sequencer is None else sequencer
     generation = {"max_new_tokens": settings.max_new_tokens, "greedy": settings.greedy,
-                  "temperature": settings.temperature}  # fmt: skip
+                  "temperature": settings.temperature, "prompts": settings.prompts}  # fmt: skip
     results = [ChainResult(request=r, method=settings.turns, seed=s) for r, s in zip(requests, seeds)]
 
     # 1. Decomposition agent, all examples.

@@ -135,6 +135,8 @@ class Args:
     agent_batch_size: int = arg(agents.DEFAULT_BATCH_SIZE, "examples per agent generate call (and per edit batch)")
     max_new_tokens: int = arg(agents.DEFAULT_MAX_NEW_TOKENS, "longest agent answer, in tokens")
     max_steps: int = arg(agents.DEFAULT_MAX_STEPS, "most sub-requests sent to the editor per example")
+    prompts: str | None = arg(None, "a JSON file of the agents' prompts (agents.Prompts, e.g. the miniature base's "
+                                    "prompts.json); default: the paper's prompts")  # fmt: skip
     # the Think-while-Edit rows (think, chain-rl+think)
     critic: str | None = arg(
         None,
@@ -171,7 +173,7 @@ class Args:
 # Settings that change what an edit looks like: a resume must use the same ones (checked against run.json).
 EDIT_SETTINGS = (
     "editor", "editor_path", "editor_steps", "editor_guidance", "editor_dtype", "editor_max_area",
-    "agent_model", "decomposer", "sequencer", "max_new_tokens", "max_steps", "seed",
+    "agent_model", "decomposer", "sequencer", "max_new_tokens", "max_steps", "prompts", "seed",
     "critic", "max_turns", "think_threshold",
 )  # fmt: skip
 
@@ -199,16 +201,20 @@ def load_samples(args: Args) -> dict[str, list[benchmarks.EditExample]]:
     return samples
 
 
+def editor_options(args: Args) -> editors.EditorOptions:
+    return editors.EditorOptions(model=args.editor_path, dtype=args.editor_dtype, cpu_offload=args.editor_offload,
+                                 max_area=args.editor_max_area, steps=args.editor_steps,
+                                 guidance=args.editor_guidance)  # fmt: skip
+
+
 def edit_settings(args: Args) -> editing.EditSettings:
     """The edit stage's one record, from the command line."""
-    options = editors.EditorOptions(model=args.editor_path, dtype=args.editor_dtype, cpu_offload=args.editor_offload,
-                                    max_area=args.editor_max_area, steps=args.editor_steps,
-                                    guidance=args.editor_guidance)  # fmt: skip
+    prompts = agents.Prompts.load(args.prompts) if args.prompts else agents.PAPER_PROMPTS
     chain = agents.ChainSettings(max_new_tokens=args.max_new_tokens, batch_size=max(1, args.agent_batch_size),
-                                 max_steps=args.max_steps)  # fmt: skip
+                                 max_steps=args.max_steps, prompts=prompts)  # fmt: skip
     return editing.EditSettings(
         out=Path(args.out), seed=args.seed, batch_size=args.agent_batch_size, gpus=args.gpus, editor=args.editor,
-        editor_options=options, agent_model=args.agent_model, decomposer=args.decomposer, sequencer=args.sequencer,
+        editor_options=editor_options(args), agent_model=args.agent_model, decomposer=args.decomposer, sequencer=args.sequencer,
         chain=chain, critic=args.critic, max_turns=args.max_turns, think_threshold=args.think_threshold,
         critic_concurrency=args.judge_concurrency,
     )  # fmt: skip
@@ -271,10 +277,15 @@ def preflight(
     editor = None
     if edit_methods:
         try:
-            editor = editing.make_editor(edit_settings(args))
+            editor = specs.make_editor(args.editor, editor_options(args))
             check_editor(editor)
         except (editors.EditorSetupError, ValueError) as err:
             problems.append(f"editor {args.editor!r}: {err}")
+        if args.prompts:
+            try:
+                agents.Prompts.load(args.prompts)
+            except agents.PromptsError as err:
+                problems.append(f"--prompts: {err}")
         for path in agent_paths(args, edit_methods):
             try:
                 policy.load_config(path)

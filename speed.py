@@ -174,7 +174,7 @@ def example_prompts(processor, n: int, image_size: int, device):
     if len(examples) < n:
         raise SystemExit(f"{EXAMPLE_DATA} has {len(examples)} examples; --prompts asks for {n}")
     images = [e.load_image().resize((image_size, image_size), Image.Resampling.BICUBIC) for e in examples]
-    texts = [agents.decomposition_prompt(e.request) for e in examples]
+    texts = [agents.PAPER_PROMPTS.decomposition_prompt(e.request) for e in examples]
     prompts = policy.encode_prompts(processor, images, texts, system=agents.DECOMPOSITION_SYSTEM)
     return {k: v.to(device) for k, v in prompts.items()}, examples
 
@@ -189,7 +189,7 @@ def warm_up(model, processor, examples: list[data.RLExample], steps: int, seed: 
         gold = [rewards.render_decomposition(f"Edit the {', '.join(e.gold.subjects)}.", e.gold.actions,
                                              e.gold.subjects, e.gold.goals) for e in chunk]  # fmt: skip
         images = [e.load_image().resize((WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE)) for e in chunk]
-        prompts = [agents.decomposition_prompt(e.request) for e in chunk]
+        prompts = [agents.PAPER_PROMPTS.decomposition_prompt(e.request) for e in chunk]
         batch = policy.encode_supervised(processor, images, prompts, gold, system=agents.DECOMPOSITION_SYSTEM)
         loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
         optimizer.zero_grad()

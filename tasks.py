@@ -12,7 +12,7 @@ definition, here, and never a branch inside the loop. Two agents are defined:
 
 A task is anything with:
     name         short name ("decompose", "think"), logged in args.json
-    system       the system prompt of every rollout
+    system       the system prompt of every rollout (None: no system turn)
     components   names of the reward's parts; train.py logs `<name>_mean` and `eval/<name>` for each, and `reward`
     prompts(examples)          -> (images, user texts), one each per example (data.RLExample)
     rewards(examples, texts)   -> one dict per text: {"reward": total used by GRPO, <component>: value, ...}
@@ -36,7 +36,7 @@ import rewards
 
 class Task(Protocol):
     name: str
-    system: str
+    system: str | None
     components: tuple[str, ...]
 
     def prompts(self, examples: Sequence[data.RLExample]) -> tuple[list[Image.Image], list[str]]: ...
@@ -57,13 +57,17 @@ class DecompositionTask:
     w_subject: float = 1.0
     w_goal: float = 1.0
     use_goal: bool = True  # False: the paper's "without goal" ablation (the goal F1 is still logged)
+    templates: agents.Prompts = agents.PAPER_PROMPTS  # the agent's prompt (train.py --prompts), the paper's by default
 
     name = "decompose"
-    system = agents.DECOMPOSITION_SYSTEM
     components = ("format", "action", "subject", "goal")
 
+    @property
+    def system(self) -> str | None:
+        return self.templates.decomposition_system
+
     def prompts(self, examples):
-        return [e.load_image() for e in examples], [agents.decomposition_prompt(e.request) for e in examples]
+        return [e.load_image() for e in examples], [self.templates.decomposition_prompt(e.request) for e in examples]
 
     def rewards(self, examples, texts):
         weights = dict(w_format=self.w_format, w_action=self.w_action, w_subject=self.w_subject, w_goal=self.w_goal)

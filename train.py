@@ -43,6 +43,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+import agents
 import data
 import grpo
 import grpo_fast
@@ -100,6 +101,8 @@ class Args:
     w_subject: float = arg(1.0, "weight of the subject F1 reward")
     w_goal: float = arg(1.0, "weight of the goal F1 reward")
     use_goal: bool = arg(True, "include the goal reward (--no-use-goal: the paper's 'without goal' ablation)")
+    prompts: str | None = arg(None, "decompose: a JSON file of the agents' prompts (agents.Prompts, e.g. the "
+                                    "miniature base's prompts.json); default: the paper's prompts")  # fmt: skip
     w_score: float = arg(1.0, "think: weight of the score accuracy 1 - |score - judged| / 10 (ours)")
     w_gain: float = arg(2.0, "think: weight of the judged gain (s1 - s0) / 10 of re-editing the source (ours)")
     editor: str = arg("shapes", "think: the editor the reward re-edits with (shapes | flux | qwen | nano-banana | "
@@ -318,8 +321,9 @@ def build_task(args: Args) -> tasks.Task:
 
         return thinker.ThinkerTask(specs.make_editor(args.editor), specs.make_judge(args.judge),
                                    w_format=args.w_format, w_score=args.w_score, w_gain=args.w_gain)  # fmt: skip
+    templates = agents.Prompts.load(args.prompts) if args.prompts else agents.PAPER_PROMPTS
     return tasks.DecompositionTask(w_format=args.w_format, w_action=args.w_action, w_subject=args.w_subject,
-                                   w_goal=args.w_goal, use_goal=args.use_goal)  # fmt: skip
+                                   w_goal=args.w_goal, use_goal=args.use_goal, templates=templates)  # fmt: skip
 
 
 def encode(processor, task: tasks.Task, examples: list[data.RLExample]):
@@ -531,6 +535,8 @@ class ArgsError(ValueError):
 def check_args(args: Args) -> None:
     if args.top_p != 1.0:
         raise ArgsError("--" + grpo.TOP_P_ERROR.format(top_p=args.top_p).replace("_", "-", 1))
+    if args.prompts:
+        agents.Prompts.load(args.prompts)  # a bad prompts file fails here, before any process or model starts
 
 
 def main(argv=None, task: tasks.Task | None = None) -> None:
@@ -670,6 +676,6 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ArgsError, data.DataError, policy.PolicyNotFoundError) as e:
+    except (ArgsError, data.DataError, policy.PolicyNotFoundError, agents.PromptsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

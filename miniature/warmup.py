@@ -87,9 +87,11 @@ def supervised_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[st
     pairs = []
     for e in chunk:
         image = e.load_image()
-        pairs.append((image, agents.DECOMPOSITION_SYSTEM, agents.decomposition_prompt(e.request), target_text(e)))
+        pairs.append(
+            (image, agents.DECOMPOSITION_SYSTEM, agents.PAPER_PROMPTS.decomposition_prompt(e.request), target_text(e))
+        )
         if e.id in subrequests:
-            prompt = agents.sequencing_prompt(e.request, e.gold)
+            prompt = agents.PAPER_PROMPTS.sequencing_prompt(e.request, e.gold)
             pairs.append((image, agents.SEQUENCING_SYSTEM, prompt, steps_text(subrequests[e.id])))
     return pairs
 

@@ -97,7 +97,7 @@ def main() -> None:
     sizes = [(1024, 1024), (896, 672)] if name != "tiny" else [(64, 64), (96, 64)]
     examples = data.load_rl_jsonl(speed.EXAMPLE_DATA)[:2]
     images = [e.load_image().resize(s, Image.Resampling.BICUBIC) for e, s in zip(examples, sizes)]
-    texts = [agents.decomposition_prompt(e.request) for e in examples]
+    texts = [agents.PAPER_PROMPTS.decomposition_prompt(e.request) for e in examples]
     prompts = policy.encode_prompts(processor, images, texts, system=agents.DECOMPOSITION_SYSTEM)
     prompts = {k: v.to(device) for k, v in prompts.items()}
     am = prompts["attention_mask"]

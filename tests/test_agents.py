@@ -10,6 +10,8 @@ Three levels:
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -88,8 +90,48 @@ FAKE_AGENT = ("fake-model", "fake-processor")
 # Prompts and parsers
 
 
+SHORT = {"decomposition_system": None, "decomposition": "Request: {request}", "sequencing_system": None,
+         "sequencing": "Actions: {actions}\nSubjects: {subjects}\nGoals: {goals}"}  # fmt: skip
+
+
+def test_a_prompts_file_changes_what_both_agents_are_sent(tmp_path, scripted, make_image):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(SHORT))
+    prompts = agents.Prompts.load(str(path))
+    fake = scripted([GOOD_DECOMPOSITION], ["<steps>1. Recolor the circle to blue</steps>"])
+    fake.answers = {None: [GOOD_DECOMPOSITION, "<steps>1. Recolor the circle to blue</steps>"]}  # no system turn
+    editor = RecordingEditor()
+    result = agents.run_chain(make_image(), " make it {goals} ", editor, FAKE_AGENT,
+                              settings=agents.ChainSettings(prompts=prompts))  # fmt: skip
+    (d_system, _, [d_prompt]), (s_system, _, [s_prompt]) = fake.calls
+    assert d_system is None and s_system is None
+    assert d_prompt == "Request: make it {goals}"  # one pass: a field name inside the request stays as it is
+    parsed = rewards.parse_decomposition(GOOD_DECOMPOSITION)
+    assert s_prompt == f"Actions: {', '.join(parsed.actions)}\nSubjects: {', '.join(parsed.subjects)}\nGoals: " + (
+        ", ".join(parsed.goals)
+    )
+    assert result.steps == ["Recolor the circle to blue"] and editor.calls[0][1] == "Recolor the circle to blue"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "not a readable JSON prompts file"),
+        (json.dumps({**SHORT, "extra": "x"}), "expected the fields"),
+        (json.dumps({**SHORT, "sequencing": None}), "field 'sequencing' must be a string"),
+        (json.dumps({**SHORT, "decomposition": "no field here"}), "must contain {request}"),
+    ],
+)
+def test_a_bad_prompts_file_names_the_file_and_the_field(tmp_path, content, message):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(agents.PromptsError, match=message) as err:
+        agents.Prompts.load(str(path))
+    assert str(path) in str(err.value)
+
+
 def test_decomposition_prompt_names_request_and_all_tags_and_its_example_scores_full_format():
-    prompt = agents.decomposition_prompt(f"  {REQUEST} ")
+    prompt = agents.PAPER_PROMPTS.decomposition_prompt(f"  {REQUEST} ")
     assert f"Edit request: {REQUEST}\n" in prompt
     for tag in rewards.TAGS:
         assert f"<{tag}>" in prompt and f"</{tag}>" in prompt
@@ -106,13 +148,13 @@ def test_decomposition_prompt_names_request_and_all_tags_and_its_example_scores_
 
 def test_sequencing_prompt_shows_the_decomposition_and_its_example_parses():
     decomposition = rewards.parse_decomposition(GOOD_DECOMPOSITION)
-    prompt = agents.sequencing_prompt(REQUEST, decomposition)
+    prompt = agents.PAPER_PROMPTS.sequencing_prompt(REQUEST, decomposition)
     assert REQUEST in prompt
     assert "Actions: recoloring\n" in prompt and "Subjects: coat, hair\n" in prompt
     assert "Goals: scarlet, copper red\n" in prompt
     assert agents.parse_steps(prompt[prompt.rindex("<steps>") :]) == STEPS
     empty = rewards.Decomposition(think="", actions=[], subjects=["sky"], goals=[])
-    assert "Actions: (none)" in agents.sequencing_prompt("x", empty)
+    assert "Actions: (none)" in agents.PAPER_PROMPTS.sequencing_prompt("x", empty)
 
 
 @pytest.mark.parametrize(
@@ -404,8 +446,8 @@ def fine_tuned(tiny_qwen25):
         processor,
         image,
         [
-            (agents.DECOMPOSITION_SYSTEM, agents.decomposition_prompt(FT_REQUEST), FT_DECOMPOSITION),
-            (agents.SEQUENCING_SYSTEM, agents.sequencing_prompt(FT_REQUEST, parsed), plan),
+            (agents.DECOMPOSITION_SYSTEM, agents.PAPER_PROMPTS.decomposition_prompt(FT_REQUEST), FT_DECOMPOSITION),
+            (agents.SEQUENCING_SYSTEM, agents.PAPER_PROMPTS.sequencing_prompt(FT_REQUEST, parsed), plan),
         ],
     )
     assert loss < 0.05, f"the tiny policy did not learn its targets (loss {loss:.3f})"

@@ -54,7 +54,7 @@ def test_decomposition_task_reward_is_rewards_py(examples):
                      "goal": want.goal}  # fmt: skip
     assert out[0]["reward"] == 1.0 and out[1]["reward"] == 0.0 and 0 < out[2]["reward"] < 1
     images, prompts = task.prompts([e])
-    assert prompts == [agents.decomposition_prompt(e.request)] and images[0].size == e.load_image().size
+    assert prompts == [agents.PAPER_PROMPTS.decomposition_prompt(e.request)] and images[0].size == e.load_image().size
 
 
 def test_thinker_reward_is_the_judged_gain_of_re_editing_the_source(examples, subrequests):

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import grpo
 import rewards
 import train
@@ -253,6 +254,20 @@ def test_top_p_below_one_is_refused_before_anything_loads(tmp_path):
     assert proc.returncode == 2 and "--top-p=0.9" in proc.stderr and "full softmax" in proc.stderr
     with pytest.raises(ValueError, match="top_p=0.9"):
         grpo.sample_group(None, None, {}, 2, max_new_tokens=1, top_p=0.9)
+
+
+def test_prompts_file_reaches_the_task_and_a_bad_one_is_refused_before_anything_loads(tmp_path):
+    good = tmp_path / "prompts.json"
+    good.write_text(json.dumps({"decomposition_system": None, "decomposition": "Request: {request}",
+                                "sequencing_system": None, "sequencing": "{actions}|{subjects}|{goals}"}))  # fmt: skip
+    task = train.build_task(train.parse_dataclass_args(train.Args, ["--prompts", str(good)]))
+    example = data.load_rl_jsonl(EXAMPLE)[0]
+    assert task.system is None and task.prompts([example])[1] == [f"Request: {example.request.strip()}"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"decomposition": "x"}')
+    proc = subprocess.run([sys.executable, "train.py", "--prompts", str(bad), "--model", str(tmp_path / "nothing")],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and str(bad) in proc.stderr and "expected the fields" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------- two processes
