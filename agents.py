@@ -259,6 +259,11 @@ def parse_steps(text: str) -> list[str] | None:
     return [step for step in map(clean_step, pieces) if is_usable_step(step)]
 
 
+def render_steps(steps: Sequence[str]) -> str:
+    """Sub-requests as the sequencing agent writes them: a numbered list in <steps> (what `parse_steps` reads)."""
+    return "<steps>\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1)) + "\n</steps>"
+
+
 @dataclass(frozen=True)
 class SequencingResult:
     """One sequencing agent answer: the raw completion and its sub-requests (None when unusable, see parse_steps)."""

@@ -11,7 +11,9 @@ specs.py, and the tests use it directly. One job per module:
     procedural.py      the procedural editor and the programmatic judge (the stand-ins for FLUX and GPT-4o)
     tiny.py            the tiny Qwen2.5-VL / Qwen3-VL policies of the real architectures, built offline
     tiny_pipelines.py  tiny FLUX.1-Kontext and Qwen-Image-Edit pipelines of the real classes (editor tests)
-    warmup.py          the supervised warm-up that stands in for instruction tuning
+    skills.py          the generic skills of a base model (perception, copying, the format, sequencing): items, tests
+    base.py            builds the shipped base model (base_model/: weights, prompts.json, manifest.json) from them
+    warmup.py          the short supervised warm-up of a random tiny policy (today's demo, and the thinker's SFT)
     demo.py            the whole pipeline per seed (`make demo`)
 Run its scripts from the repository root as modules: `python -m miniature.demo`, `python -m miniature.warmup ...`.
 """

@@ -284,7 +284,7 @@ _JOINS = {
 }
 
 
-def _random_scene(rng: random.Random) -> Scene:
+def random_scene(rng: random.Random) -> Scene:
     """3 to 5 shapes in distinct cells, no two of the same colour and kind."""
     names = rng.sample([(c, k) for c in COLOURS for k in KINDS], rng.randint(3, 5))
     cells = rng.sample(CELLS, len(names))
@@ -293,7 +293,7 @@ def _random_scene(rng: random.Random) -> Scene:
 
 def make_example(rng: random.Random, example_id: str = "shapes") -> Example:
     """A random scene and a request of 1-3 clauses (at most MAX_EDITS edits), with its gold edits and target."""
-    scene = _random_scene(rng)
+    scene = random_scene(rng)
     draft = _Draft(scene, set(), set(), set(), set())
     parts: list[_Part] = []
     n_parts = rng.randint(1, 3)

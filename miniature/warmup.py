@@ -66,11 +66,6 @@ def target_text(example: data.RLExample) -> str:
     return rewards.render_decomposition(think, g.actions, g.subjects, g.goals)
 
 
-def steps_text(subrequests: list[str]) -> str:
-    """The sequencing agent's target: the gold sub-requests as a numbered list in <steps> (agents.parse_steps)."""
-    return "<steps>\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(subrequests, 1)) + "\n</steps>"
-
-
 def read_subrequests(path: str) -> dict[str, list[str]]:
     """id -> gold sub-requests, for lines that have them (data.load_rl_jsonl has already validated the file)."""
     out = {}
@@ -92,7 +87,7 @@ def supervised_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[st
         )
         if e.id in subrequests:
             prompt = agents.PAPER_PROMPTS.sequencing_prompt(e.request, e.gold)
-            pairs.append((image, agents.SEQUENCING_SYSTEM, prompt, steps_text(subrequests[e.id])))
+            pairs.append((image, agents.SEQUENCING_SYSTEM, prompt, agents.render_steps(subrequests[e.id])))
     return pairs
 
 
