@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import judge
+import records
 import results
 from results import CRITERIA, EditRecord, JudgeRecord, Method
 
@@ -169,7 +170,7 @@ def write_report(
         f"{''.join(sections)}</body></html>"
     )
     path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
+    records.write_atomic(path, page)
     return path
 
 
@@ -274,5 +275,5 @@ def report_alignment(human_scores: Path, out: Path) -> str:
     )
     md_rows = [[str(r[0]), str(r[1]), r[2], *(results.fmt(v) for v in r[3:])] for r in rows]
     text = f"Human alignment ({len(human)} human-scored edits)\n\n{results.markdown_table(ALIGNMENT_HEADER, md_rows)}\n"
-    (out / "alignment.md").write_text(text, encoding="utf-8")
+    records.write_atomic(out / "alignment.md", text)
     return text

@@ -19,6 +19,7 @@ The tables are pure functions of the records: `summarize` -> cells, `table1`, `s
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -305,10 +306,12 @@ def subscore_rows(cells: dict, digits: int | None) -> list[list[str]]:
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    """A CSV written atomically (records.write_atomic): a reader never sees half a table."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    records.write_atomic(path, buffer.getvalue())
 
 
 def write_tables(out: Path, cells: dict, methods: Sequence[Method], columns: Sequence[tuple[str, str]]) -> str:
@@ -325,8 +328,8 @@ def write_tables(out: Path, cells: dict, methods: Sequence[Method], columns: Seq
     )
     table1_md = f"{markdown_table(header, md_rows)}\n\n{note}\n"
     subscores_md = markdown_table(SUBSCORE_HEADER, subscore_rows(cells, 2)) + "\n"
-    (out / "table1.md").write_text(table1_md, encoding="utf-8")
+    records.write_atomic(out / "table1.md", table1_md)
     write_csv(out / "table1.csv", header, csv_rows)
-    (out / "subscores.md").write_text(subscores_md, encoding="utf-8")
+    records.write_atomic(out / "subscores.md", subscores_md)
     write_csv(out / "subscores.csv", SUBSCORE_HEADER, subscore_rows(cells, None))
     return f"Table 1\n\n{table1_md}\nSub-scores and failures\n\n{subscores_md}"
