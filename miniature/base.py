@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, pre_tokenizers
-from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import policy
@@ -203,16 +203,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
-    end_of_text = tok.convert_tokens_to_ids("<|endoftext|>")
-    model.generation_config = GenerationConfig(
-        eos_token_id=[im_end, end_of_text],
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-    )
+    model.generation_config = tiny.sampling_generation_config(tok)
     return model
 
 

@@ -225,19 +225,16 @@ def build_model(arch: str, tokenizer: Qwen2Tokenizer, seed: int = 0):
     with torch.random.fork_rng(devices=[]):  # seed locally: callers' random streams are left alone
         torch.manual_seed(seed)
         model = model_class(config)
-    im_end, end_of_text = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    # Sampling at temperature 1 with no top-k/top-p, so generate's scores equal the model's log-probs; real
-    # checkpoints ship other defaults, so callers still pass their sampling parameters explicitly.
-    model.generation_config = GenerationConfig(
-        eos_token_id=[im_end, end_of_text],
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-    )
+    model.generation_config = sampling_generation_config(tokenizer)
     return model.eval()
+
+
+def sampling_generation_config(tokenizer) -> GenerationConfig:
+    """Sampling at temperature 1 with no top-k/top-p, so generate's scores equal the model's log-probs; real
+    checkpoints ship other defaults, so callers still pass their sampling parameters explicitly (grpo.generate)."""
+    im_end, end_of_text = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    return GenerationConfig(eos_token_id=[im_end, end_of_text], pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                            do_sample=True, temperature=1.0, top_k=0, top_p=1.0)  # fmt: skip
 
 
 def save_tiny_policy(out_dir: str | Path, arch: str, seed: int = 0) -> Path:
