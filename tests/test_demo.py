@@ -62,7 +62,7 @@ def test_reduced_demo_writes_every_artefact(reduced_demo):
     for rel in ["results.md", "results.csv", "args.json", "seed3/reward_curves.png", "seed3/timings.json",
                 "seed3/eval/table1.md", "seed3/eval/table1.csv", "seed3/eval/subscores.md",
                 "seed3/eval/subscores.csv", "seed3/eval/report.html", "seed3/grpo/policy/model.safetensors",
-                "seed3/warm/model.safetensors", "seed3/data/test.jsonl", "seed3/thinker_reward_curves.png",
+                "seed3/data/test.jsonl", "seed3/thinker_reward_curves.png",
                 "seed3/think_warm/model.safetensors", "seed3/think_grpo/policy/model.safetensors",
                 "seed3/eval_think/report.html", "seed3/eval_think_untrained/report.html"]:  # fmt: skip
         assert (out / rel).is_file() and (out / rel).stat().st_size > 0, rel
@@ -73,6 +73,11 @@ def test_reduced_demo_writes_every_artefact(reduced_demo):
     assert [m["step"] for m in think_metrics] == list(range(1, GRPO_STEPS + 1))
     assert {"score_mean", "gain_mean", "eval/gain"} <= think_metrics[-1].keys()  # the thinker's reward was trained
     assert json.loads((seed_dir / "think_grpo/args.json").read_text())["task"] == "think"
+    # the decomposition agent starts from the shipped base with its prompts, and no warm-up ran for it
+    grpo_args = json.loads((seed_dir / "grpo/args.json").read_text())
+    assert Path(grpo_args["model"]).resolve() == (REPO / "miniature/base_model").resolve()
+    assert Path(grpo_args["prompts"]).name == "prompts.json"
+    assert not (seed_dir / "warm").exists()
     # the held-out test scenes are not training scenes: the splits come from different generator seeds
     ids = {split: {json.loads(x)["id"] for x in (seed_dir / f"data/{split}.jsonl").read_text().splitlines()}
            for split in ("train", "val", "test")}  # fmt: skip
@@ -192,3 +197,15 @@ def test_thinker_section_pairs_rows_by_seed_and_counts_turns(tmp_path):
         in text
     )
     assert "| 0 | 0.100 -> 0.100 | -0.170 -> -0.120 | -0.050 (step 10) -> -0.050 (step 10) |" in text
+
+
+def test_base_agent_is_the_shipped_base_with_its_prompts_or_the_warm_up_with_none(tmp_path):
+    base, prompts = demo.base_agent(demo.Args(), tmp_path)
+    assert base == REPO / "miniature/base_model" and prompts == ["--prompts", str(base / "prompts.json")]
+    assert (
+        demo.use_base(demo.Args())["weights_sha256"]
+        == json.loads((base / "manifest.json").read_text())["weights_sha256"]
+    )
+    assert demo.base_agent(demo.Args(base="none"), tmp_path) == (tmp_path / "warm", [])
+    with pytest.raises(SystemExit, match="model.safetensors not found"):
+        demo.use_base(demo.Args(base=str(tmp_path)))
