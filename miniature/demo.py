@@ -37,22 +37,20 @@ everything after it. An interrupted GRPO run continues from its last checkpoint,
 last record. `--force` redoes everything.
 
 Why the settings are what they are (measured on this 2-core box; each Args field's help gives the number behind it)
-    - The warm-up is as short as lets GRPO start: after 60 steps no sampled answer parses, so every group has equal
-      rewards and zero advantage; after 300 the sampled decomposition reward is ~0.25 and the greedy one ~0.4, with
-      format, action and goal all far from 1. Longer warm-ups buy little: after 800 steps the subject F1 was 0.06.
-    - GRPO's lr (5e-4) is far above the paper's 1e-6 because the policy is 250k random parameters, not a pretrained
-      7B; 8 prompts x G=8 per step because 4 prompts gave a gradient too noisy to raise the reward on every seed.
+    - The agents start from the shipped base (miniature/base_model, built by `python -m miniature.base`): it can see,
+      copy, follow the format and sequence, which the old random policy plus a few minutes of warm-up could not.
+    - GRPO's lr (3e-4) is far above the paper's 1e-6 because the policy has 1.2M parameters, not 7B; 1e-3
+      collapsed the reward; 8 prompts x G=8 per step.
     - The editor and judge rules are fixed in procedural.py and were not touched to make any row win.
 
-What it shows, and what it does not (measured over seeds 0, 1, 2; the README has the table)
-    GRPO raises the decomposition reward: sampled 0.26 -> 0.44 over 200 steps, mostly format, action and goal F1,
-    which is the paper's Figure 3. It does NOT reproduce Table 1. In minutes, the tiny policy does not learn to copy
-    the shapes named in the request into its subjects (held-out subject F1 stays 0.1-0.16), so both chains send the
-    editor clauses about the wrong shapes and score ~5.5 against Original's ~8.1. With and without RL the chains tie
-    within the seed spread: RL makes every answer parse, which removes the raw-request fallbacks that gave the
-    untrained chain most of its fulfilment.
+What it shows, and what it does not (seed 0, 128 held-out scenes; the README has the details)
+    With the base: Original 8.03, chain w/o RL 7.45, chain with RL 7.42. GRPO raises the decomposition reward
+    (Figure 3: the action and goal F1 rise within 50 steps), but it does not teach the policy to name a shape it must
+    find in the image ("the shape in the bottom middle"), so the chains still edit some wrong shapes and stay below
+    the editor alone, which ignores what it cannot ground. The old path (`--base none`) scored 8.09 / 5.54 / 5.47
+    over seeds 0, 1, 2.
 
-    EditThinker (seeds 0, 1, 2): chain-rl+think beats chain-rl by +0.06 ± 0.05 and the GRPO-trained thinker beats
+    EditThinker (old path, seeds 0, 1, 2): chain-rl+think beats chain-rl by +0.06 ± 0.05 and the GRPO-trained thinker beats
     the warm-up-only one by +0.06 ± 0.07 there; thinking on the raw request loses 0.59 to Original. The thinker's GRPO
     raises its format and score accuracy, but the judged gain of its re-edits stays near -0.25: it cannot name the
     right shapes either, and mostly learns to call turn 1 right.
@@ -123,7 +121,7 @@ class Args:
     train_scenes: int = arg(512, "training scenes: 200 GRPO steps of 8 prompts see each about three times")
     val_scenes: int = arg(32, "validation scenes: train.py's greedy held-out reward every --eval-every steps")
     test_scenes: int = arg(128, "held-out test scenes for evaluate.py; 128 puts a row's sampling error near 0.2")
-    # warm-up (warmup.py)
+    # warm-up (warmup.py), only with --base none: the decomposer and sequencer from a random tiny policy
     warmup_steps: int = arg(300, "supervised steps. Measured: after 60 no sample parses (no reward spread, GRPO "
                                  "cannot start); after 300 the sampled reward is ~0.25 with room above it")  # fmt: skip
     warmup_lr: float = arg(
