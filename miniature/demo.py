@@ -130,11 +130,11 @@ class Args:
     warmup_batch_size: int = arg(8, "examples per warm-up step (each gives a decomposition and a sequencing target)")
     warmup_examples: int = arg(256, "the warm-up sees only the first N training scenes; GRPO sees all of them")
     # GRPO (train.py)
-    grpo_steps: int = arg(200, "GRPO steps (~1.1 s each on a quiet 2-core box; the reward still rises at 200)")
+    grpo_steps: int = arg(200, "GRPO steps (~1.3 s each on the base on a quiet 2-core box)")
     grpo_lr: float = arg(3e-4, "GRPO AdamW learning rate. On the base: 3e-4 raises the held-out reward 0.77 -> 0.83 "
                                "in 60 steps, 1e-3 collapses it. On --base none (a warmed-up random policy) 5e-4 "
                                "was best over 30 steps")  # fmt: skip
-    beta: float = arg(0.01, "beta: weight of the k3 KL penalty to the warm-up policy (train.py's default)")
+    beta: float = arg(0.01, "beta: weight of the k3 KL penalty to the starting policy (train.py's default)")
     prompts_per_step: int = arg(8, "prompts per GRPO step (B = prompts x G = 64 sequences); 4 was too noisy")
     group_size: int = arg(8, "G: sampled decompositions per prompt (paper: 8)")
     max_new_tokens: int = arg(64, "longest sampled decomposition in tokens (a gold one is 20-45)")
@@ -233,21 +233,24 @@ def _warm_up(args: Args, seed: int, root: Path, folder: Path, steps: int, agent:
     return settings
 
 
+def base_dir(args: Args) -> Path:
+    """The --base folder (a relative path is from the repository root)."""
+    return Path(args.base) if Path(args.base).is_absolute() else REPO / args.base
+
+
 def base_agent(args: Args, root: Path) -> tuple[Path, list[str]]:
     """The policy the agents start from and the prompt flag that goes with it: the shipped base with its short
     prompts (prompts.json), or with `--base none` this seed's warmed-up random policy with the paper's prompts."""
     if args.base == "none":
         return root / "warm", []
-    base = Path(args.base) if Path(args.base).is_absolute() else REPO / args.base
-    prompts = base / "prompts.json"
-    return base, (["--prompts", str(prompts)] if prompts.is_file() else [])
+    prompts = base_dir(args) / "prompts.json"
+    return base_dir(args), (["--prompts", str(prompts)] if prompts.is_file() else [])
 
 
 def use_base(args: Args) -> dict:
     """The base stage: nothing to build, but its settings name the weights (by sha256), so a rebuilt base redoes every
     stage after it."""
-    base, _ = base_agent(args, Path())
-    weights = base / "model.safetensors"
+    weights = base_dir(args) / "model.safetensors"
     if not weights.is_file():
         raise SystemExit(f"demo: --base {args.base}: {weights} not found (build it: python -m miniature.base --out "
                          f"{args.base}; or pass --base none)")  # fmt: skip
@@ -617,7 +620,9 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
                      "eval_think_untrained"):  # fmt: skip
             shutil.rmtree(root / name, ignore_errors=True)
     data_settings = timed("data", make_data, args, seed, root / "data")
-    policy_settings = timed("tiny policy", make_policy, seed, root / "tiny")
+    # the random tiny policy is the start of the warm-up (--base none) and of the thinker
+    needs_tiny = args.base == "none" or args.thinker
+    policy_settings = timed("tiny policy", make_policy, seed, root / "tiny") if needs_tiny else None
     if args.base == "none":
         agent_settings = {"warm": timed("warm-up", warm_up, args, seed, root, {"data": data_settings,
                                                                                "policy": policy_settings})}  # fmt: skip
