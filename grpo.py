@@ -426,6 +426,37 @@ def select(batch: Batch, rows: torch.Tensor) -> Batch:
     )
 
 
+def concat(batches: list[Batch], pad_token_id: int) -> Batch:
+    """The rows of several fresh rollouts in one batch, in order: prompts left-padded to the longest P (as the
+    processor pads them), completions right-padded to the longest T with the padding masked out. Only the sampling
+    fields are joined; advantages and log-probs are filled in afterwards (dynamic sampling, train.py)."""
+    if any(b.advantages is not None or b.old_per_token_logps is not None or b.ref_per_token_logps is not None
+           for b in batches):  # fmt: skip
+        raise ValueError("concat joins fresh rollouts: fill advantages and log-probs after joining")
+    p_len = max(b.prompt["input_ids"].shape[1] for b in batches)
+    t_len = max(b.completion_ids.shape[1] for b in batches)
+
+    def left(t, fill):  # (rows, p) -> (rows, p_len)
+        return torch.nn.functional.pad(t, (p_len - t.shape[1], 0), value=fill)
+
+    def right(t, fill):  # (rows, t) -> (rows, t_len)
+        return torch.nn.functional.pad(t, (0, t_len - t.shape[1]), value=fill)
+
+    prompt = {}
+    for key in batches[0].prompt:
+        parts = [b.prompt[key] for b in batches]
+        if key in SEQUENCE_KEYS:
+            parts = [left(t, pad_token_id if key == "input_ids" else 0) for t in parts]
+        prompt[key] = torch.cat(parts)  # (sum of rows, P) or, for pixel_values, (sum of patches, D)
+    return Batch(
+        prompt,
+        torch.cat([right(b.completion_ids, pad_token_id) for b in batches]),  # (B, T)
+        torch.cat([right(b.completion_mask, 0) for b in batches]),  # (B, T)
+        texts=[text for b in batches for text in b.texts],
+        suppress_token_ids=batches[0].suppress_token_ids,
+    )
+
+
 def split_micro_batches(batch: Batch, num_micro: int) -> list[Batch]:
     """Consecutive slices of (nearly) equal size. With `loss_denominator` taken from the whole batch, the summed
     gradients of the slices equal the full batch's gradient for every aggregation."""

@@ -9,7 +9,8 @@ What is trained is a task (tasks.py): the agent's prompt and its reward. `--agen
 there; `main(task=...)` takes any other object with the same few methods. Nothing below depends on which it is.
 
 One step, top to bottom (see `main`):
-    1. rollout:    each rank samples G completions for each of its prompts (all G of a prompt stay on one rank)
+    1. rollout:    each rank samples G completions for each of its prompts (all G of a prompt stay on one rank);
+                   with --dynamic-sampling, groups whose G rewards are equal are replaced by fresh prompts (DAPO)
     2. reward:     the task's: format + set-F1 of actions, subjects, goals (decompose), or format + score accuracy +
                    the judged gain of re-editing the source with the refined instruction (think)
     3. advantage:  group-normalised within each prompt's G samples (grpo.group_advantages): no reward crosses ranks
@@ -27,6 +28,7 @@ resumed run repeats exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -94,6 +96,9 @@ class Args:
                                                    "sequence and clip ranges near 3e-4 / 4e-4)")  # fmt: skip
     mu: int = arg(1, "mu: passes (epochs) over each step's rollouts (DeepSeekMath's mu; 1 = on-policy)")
     mini_batches: int = arg(1, "optimizer updates per pass: the step's rollouts are split into this many parts")
+    dynamic_sampling: int = arg(0, "DAPO's dynamic sampling (arXiv 2503.14476 sec. 3.2): drop groups whose G "
+                                   "rewards are all equal and roll out more prompts, up to this many rollouts per "
+                                   "step, until the step has its N informative groups; 0 = off (the paper's GRPO)")  # fmt: skip
     micro_batch_size: int = arg(4, "sequences per forward/backward on one rank (gradient accumulation covers the rest)")
     # reward
     w_format: float = arg(1.0, "weight of the format reward in the mean")
@@ -281,6 +286,7 @@ HELD_OUT_SEED_OFFSET = 7919  # the held-out draw gets its own stream, distinct f
 EPOCH_SEED_STRIDE = 100_003  # seed * stride + epoch: one permutation of the training set per (seed, epoch)
 STEP_SEED_STRIDE = 1_000_003  # seed * stride + step * RANK_SEED_STRIDE + rank: one RNG state per (seed, step, rank)
 RANK_SEED_STRIDE = 1009  # larger than any world size, so step s of rank r never meets step s' of rank r'
+DYNAMIC_SEED_OFFSET = 104_729  # dynamic sampling's extra draws: a stream of their own per (seed, step, attempt)
 
 
 def split_data(args: Args) -> tuple[list[data.RLExample], list[data.RLExample]]:
@@ -313,6 +319,15 @@ def rank_examples(train_set: list, step: int, args: Args, rank: int, local_promp
     return [train_set[i] for i in idx[rank * local_prompts : (rank + 1) * local_prompts]]
 
 
+def extra_examples(train_set: list, step: int, attempt: int, args: Args, rank: int, local_prompts: int) -> list:
+    """Dynamic sampling's `attempt`-th extra draw of a step (attempt >= 1): this rank's share of --prompts-per-step
+    prompts from a seeded permutation of its own, so the data order stays a function of (seed, step)."""
+    seed = DYNAMIC_SEED_OFFSET + args.seed * STEP_SEED_STRIDE + step * RANK_SEED_STRIDE + attempt
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
+    idx = order[: args.prompts_per_step][rank * local_prompts : (rank + 1) * local_prompts]
+    return [train_set[i] for i in idx]
+
+
 def build_task(args: Args) -> tasks.Task:
     """The agent being trained: its prompts and its reward (tasks.py; the thinker's in thinker.py)."""
     if args.agent == "think":
@@ -336,6 +351,63 @@ def to_device(prompt: dict, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- GRPO pieces
+
+
+def rollout(engine, processor, task: tasks.Task, examples: list, args: Args, timings: dict, device):
+    """Steps 1 and 2 for a list of prompts: G samples each (each group's rows sorted by length, so micro-batches
+    carry little padding) and the task's reward breakdown of every row (row i answers example i // G)."""
+    t = time.perf_counter()
+    prompt = to_device(encode(processor, task, examples), device)
+    engine.eval()
+    with generation_model(engine, args) as (gen_model, gen_kwargs):
+        batch = grpo.sample_group(
+            gen_model, processor, prompt, args.group_size, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, eos_token_ids=policy.eos_token_ids(processor),
+            suppress_token_ids=policy.vision_token_ids(processor),  # an image token in a completion breaks scoring
+            prefill=grpo_fast.shared_prompt_inputs if args.share_prompt else None, **gen_kwargs,
+        )  # fmt: skip
+    batch = grpo.select(batch, grpo_fast.rows_by_length(batch.completion_mask, args.group_size))
+    engine.train()
+    timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - t
+    t = time.perf_counter()
+    breakdowns = task.rewards([e for e in examples for _ in range(args.group_size)], batch.texts)
+    timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t
+    return batch, breakdowns
+
+
+def informative_groups(first: tuple, examples: list, roll, more, args: Args, local_prompts: int, pad_id: int, device):
+    """DAPO's dynamic sampling. A group whose G rewards are all equal has zero advantage on every row and adds
+    nothing to the gradient. Keep the informative groups of the step's rollout `first` = (batch, breakdowns) and
+    roll out more prompts (`roll(more(attempt))`) until every rank holds `local_prompts` informative groups or
+    --dynamic-sampling rollouts were made; a shortfall is filled with uninformative groups, so every rank keeps its
+    N * G rows and the collectives stay matched. Returns (batch, breakdowns, examples, counts)."""
+    g_size = args.group_size
+    rollouts = [(*first, examples)]
+    informative, flat = [], []  # (rollout, group) in draw order
+    for attempt in range(1, args.dynamic_sampling + 1):
+        batch, breakdowns, exs = rollouts[-1]
+        totals = torch.tensor([r["reward"] for r in breakdowns], dtype=torch.float64).view(-1, g_size)  # (N, G)
+        spread = (totals.max(1).values - totals.min(1).values > grpo.EQUAL_TOL).tolist()  # (N,)
+        for group, keep in enumerate(spread):
+            (informative if keep else flat).append((len(rollouts) - 1, group))
+        short = torch.tensor([float(len(informative) < local_prompts)], device=device)
+        torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)  # collective: all ranks roll again
+        if attempt == args.dynamic_sampling or not short.item():
+            break
+        exs = more(attempt)
+        rollouts.append((*roll(exs), exs))
+    chosen = (informative + flat)[:local_prompts]
+    parts, breakdowns, examples = [], [], []
+    for r, (batch, rewards_r, exs) in enumerate(rollouts):
+        groups = [group for rr, group in chosen if rr == r]
+        if not groups:
+            continue
+        rows = torch.tensor([group * g_size + j for group in groups for j in range(g_size)])  # (n_r * G,)
+        parts.append(grpo.select(batch, rows))
+        breakdowns += [rewards_r[i] for i in rows.tolist()]
+        examples += [exs[group] for group in groups]
+    counts = {"drawn": sum(len(r[2]) for r in rollouts), "informative": len(informative), "rollouts": len(rollouts)}
+    return grpo.concat(parts, pad_id), breakdowns, examples, counts
 
 
 def scoring_forward(args: Args):
@@ -583,8 +655,6 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
         print0(f"{len(train_set)} train / {len(eval_set)} held-out examples, {world} process(es) on {device}, "
                f"{total_steps} steps of {args.prompts_per_step} prompts x G={args.group_size}")  # fmt: skip
 
-    eos_ids = policy.eos_token_ids(processor)
-    vision_ids = policy.vision_token_ids(processor)  # never sampled: an image token in a completion breaks scoring
     progress = None
     report, close_reporter = open_reporter(args, out_dir, start_step) if rank == 0 else (None, None)
     if rank == 0:
@@ -597,29 +667,19 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
         timings: dict[str, float] = {}
         examples = rank_examples(train_set, step, args, rank, local_prompts)
 
-        # 1. rollout: G samples per prompt
-        t = time.perf_counter()
-        prompt = to_device(encode(processor, task, examples), device)
-        engine.eval()
-        with generation_model(engine, args) as (gen_model, gen_kwargs):
-            batch = grpo.sample_group(
-                gen_model, processor, prompt, args.group_size, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_p=args.top_p, eos_token_ids=eos_ids,
-                suppress_token_ids=vision_ids, prefill=grpo_fast.shared_prompt_inputs if args.share_prompt else None,
-                **gen_kwargs,
+        # 1. rollout: G samples per prompt, and 2. the task's rewards
+        batch, breakdowns = rollout(engine, processor, task, examples, args, timings, device)
+        if args.dynamic_sampling:  # drop groups with no reward spread, roll out more prompts in their place
+            batch, breakdowns, examples, dynamic = informative_groups(
+                (batch, breakdowns), examples,
+                roll=functools.partial(rollout, engine, processor, task, args=args, timings=timings, device=device),
+                more=functools.partial(extra_examples, train_set, step, args=args, rank=rank, local_prompts=local_prompts),
+                args=args, local_prompts=local_prompts, pad_id=processor.tokenizer.pad_token_id, device=device,
             )  # fmt: skip
-        # sort each group's rows by length, so micro-batches carry little padding (groups stay together)
-        batch = grpo.select(batch, grpo_fast.rows_by_length(batch.completion_mask, args.group_size))
-        engine.train()
-        timings["generate"] = time.perf_counter() - t
 
-        # 2. rewards and 3. advantages (a prompt's G samples are all on this rank)
-        t = time.perf_counter()
-        repeated = [e for e in examples for _ in range(args.group_size)]  # row i of the batch answers repeated[i]
-        breakdowns = task.rewards(repeated, batch.texts)
+        # 3. advantages (a prompt's G samples are all on this rank)
         total = torch.tensor([r["reward"] for r in breakdowns])  # (B,)
         batch.advantages = grpo.group_advantages(total, args.group_size, args.adv_scale).to(device)  # (B,)
-        timings["reward"] = time.perf_counter() - t
 
         # 4. log-probs of the old policy (only needed when the policy moves within the step) and the reference
         t = time.perf_counter()
@@ -637,6 +697,12 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
         # 6. log: means over the global batch (one collective), then evaluate, write, checkpoint
         record = {"step": step + 1, **step_metrics(breakdowns, batch, stats, args.group_size, device)}
         record["grad_norm"] = stats["grad_norm"]
+        if args.dynamic_sampling:  # prompts rolled out over all ranks, and the share of them that was informative
+            drawn, informative, rollouts = global_sum(
+                [dynamic["drawn"], dynamic["informative"], dynamic["rollouts"]], device
+            )  # collective
+            record.update({"dynamic/prompts_drawn": drawn, "dynamic/informative_frac": informative / drawn,
+                           "dynamic/rollouts": rollouts / world})  # fmt: skip
         record["lr"] = scheduler.get_last_lr()[0]
         record.update({f"time/{k}": v for k, v in timings.items()})
         tokens = record["completion_len"] * len(breakdowns) * world

@@ -25,8 +25,9 @@ class LetterTask:
     system = "Answer with the letter a, many times."
     components = ("share_a", "length")
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, half_flat: bool = False) -> None:
         self.log = log
+        self.half_flat = half_flat  # examples with an even last id digit score a constant: groups with no spread
 
     def prompts(self, examples):
         images, _ = tasks.DecompositionTask().prompts(examples)  # reuse the images; the text is ours
@@ -34,9 +35,11 @@ class LetterTask:
 
     def rewards(self, examples, texts):
         out = []
-        for text in texts:
+        for example, text in zip(examples, texts):
             head = text[:16]
             share = head.count("a") / max(len(head), 1)
+            if self.half_flat and int(example.id[-1]) % 2 == 0:
+                share = 0.25
             out.append({"reward": share, "share_a": share, "length": float(len(text))})
         with self.log.open("a") as f:
             f.write(json.dumps([r["reward"] for r in out]) + "\n")

@@ -8,7 +8,8 @@ JSON object a line, to OUTPUT_DIR/probe_rank{R}.jsonl. After every optimizer upd
 the dtype DeepSpeed accumulates gradients in are recorded too.
 Nothing else changes: the recorder calls the real functions and returns their results.
 
-`--letter-task` trains tests/custom_task.py's LetterTask (reward: the share of "a" in the answer) instead of the
+`--letter-task` trains tests/custom_task.py's LetterTask (reward: the share of "a" in the answer; with `--half-flat`,
+a constant for half the examples, whose groups then have no spread) instead of the
 decomposition task: a random tiny policy gets rewards that differ within a group, so every step has non-zero
 advantages and a real policy gradient, which weight decay alone cannot imitate.
 """
@@ -31,7 +32,7 @@ import train  # noqa: E402
 
 
 def main() -> None:
-    argv = [a for a in sys.argv[1:] if a != "--letter-task"]
+    argv = [a for a in sys.argv[1:] if a not in ("--letter-task", "--half-flat")]
     out_dir = Path(argv[argv.index("--output-dir") + 1])
     out_dir.mkdir(parents=True, exist_ok=True)
     counters = {"loss_calls": 0}
@@ -86,7 +87,8 @@ def main() -> None:
 
     grpo.per_token_logps, grpo.grpo_loss, grpo.group_advantages = per_token_logps, grpo_loss, group_advantages
     train.update_policy = update_policy
-    task = LetterTask(out_dir / "task_rewards.jsonl") if "--letter-task" in sys.argv else None
+    half_flat = "--half-flat" in sys.argv  # LetterTask with a constant reward for half the examples
+    task = LetterTask(out_dir / "task_rewards.jsonl", half_flat) if "--letter-task" in sys.argv else None
     train.main(argv, task=task)
 
 

@@ -89,3 +89,33 @@ def test_eos_is_inside_the_mask_and_later_tokens_are_not(tiny_qwen25, make_image
             else:
                 assert mask.all()
     assert stopped > 0, "no row produced EOS; the test would prove nothing"
+
+
+def test_concat_of_two_rollouts_scores_each_row_as_alone(tiny_policy, make_image):
+    # dynamic sampling joins rollouts of different prompt and completion lengths: the extra left padding of the
+    # prompts and right padding of the completions must change no row's log-probs, texts or mask
+    model, processor = tiny_policy
+    eos = policy.eos_token_ids(processor)
+    torch.manual_seed(3)
+    long = grpo.sample_group(model, processor, _two_prompts(processor, make_image), 2, max_new_tokens=12,
+                             eos_token_ids=eos, return_sampling_logps=True)  # fmt: skip
+    short_prompt = policy.encode_prompts(processor, [make_image((64, 64), seed=3)], ["paint it"], system="Edit.")
+    short = grpo.sample_group(model, processor, short_prompt, 2, max_new_tokens=5, eos_token_ids=eos,
+                              return_sampling_logps=True)  # fmt: skip
+    parts = [grpo.select(b, torch.arange(len(b))) for b in (long, short)]
+    for b in parts:
+        b.old_per_token_logps = None
+    pad = processor.tokenizer.pad_token_id
+    joined = grpo.concat(parts, pad)
+    assert len(joined) == 6 and joined.texts == long.texts + short.texts
+    assert joined.prompt["input_ids"].shape[1] == long.prompt["input_ids"].shape[1]  # the longer prompt
+    assert joined.completion_ids.shape[1] == long.completion_ids.shape[1]  # the longer completion
+    assert int(joined.completion_mask.sum()) == int(long.completion_mask.sum() + short.completion_mask.sum())
+    logps = grpo.per_token_logps(model, joined)  # (6, T)
+    for rows, alone in ((slice(0, 4), long), (slice(4, 6), short)):
+        t = alone.completion_ids.shape[1]
+        mask = alone.completion_mask.bool()
+        err = (logps[rows, :t] - alone.old_per_token_logps)[mask].abs().max()
+        assert err < 1e-5, f"a joined row scores {err:.2e} away from its own rollout"
+    with pytest.raises(ValueError, match="fresh rollouts"):
+        grpo.concat([long, short], pad)  # log-probs attached: joining would silently drop them

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,33 @@ def test_importance_sequence_clips_gspo_ratios(tiny_qwen25, tmp_path):
     for e in second_pass:  # one ratio per sequence: the largest is exp of the largest mean log-ratio of a row
         assert e["metrics"]["ratio_max"] == pytest.approx(math.exp(max(e["row_log_ratio"])), rel=1e-5)
     assert max(e["metrics"]["ratio_max"] for e in second_pass) > 1.0 + 1e-3
+
+
+def test_dynamic_sampling_replaces_flat_groups_and_a_killed_run_resumes_exactly(tiny_qwen25, tmp_path):
+    # --half-flat: half the examples score a constant, so their groups have no reward spread and teach nothing
+    flat = ["--max-steps", "3", "--half-flat", "--lr", "1e-3"]
+    dynamic = [*flat, "--dynamic-sampling", "4", "--save-every", "2"]
+    full, evts = probe(tiny_qwen25, tmp_path / "full", *dynamic)
+    for record, adv in zip(full, of(evts, "advantages")):
+        groups = torch.tensor(adv["rewards"]).view(-1, G)  # (N, G): the groups the update used
+        informative = int((groups.max(1).values - groups.min(1).values > grpo.EQUAL_TOL).sum())
+        drawn, rollouts = record["dynamic/prompts_drawn"], record["dynamic/rollouts"]
+        found = round(record["dynamic/informative_frac"] * drawn)
+        assert drawn == 2 * rollouts and 1 <= rollouts <= 4  # --prompts-per-step 2 per rollout, at most 4
+        assert informative == min(2, found), "informative groups were dropped or flat ones kept over them"
+        assert rollouts == 4 or found >= 2, "stopped drawing before the step had its informative groups"
+        assert record["zero_spread_frac"] == pytest.approx(1 - informative / 2)
+    assert any(r["dynamic/informative_frac"] < 1 for r in full), "no flat group was met: the test tests nothing"
+    assert any(r["dynamic/rollouts"] > 1 for r in full), "no step drew extra prompts"
+    # killed after step 3 was logged but before its checkpoint: resume from step 2 and redo step 3 exactly
+    part = tmp_path / "part"
+    probe(tiny_qwen25, part, *dynamic)
+    (part / "checkpoints" / "latest").write_text("step_2")
+    shutil.rmtree(part / "checkpoints" / "step_3")
+    resumed, _ = probe(tiny_qwen25, part, *dynamic, "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for name in ("reward_mean", "grad_norm", "dynamic/prompts_drawn", "dynamic/informative_frac"):
+        assert [r[name] for r in resumed] == pytest.approx([r[name] for r in full], rel=1e-5), name
 
 
 def test_mini_batches_bf16_and_beta_zero(tiny_qwen25, tmp_path):
