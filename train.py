@@ -49,6 +49,7 @@ import agents
 import data
 import grpo
 import grpo_fast
+import lora
 import policy
 import tasks
 from cli import arg, parse_dataclass_args
@@ -132,6 +133,12 @@ class Args:
     zero_stage: int = arg(2, "DeepSpeed ZeRO stage: 2 (shard optimizer state and gradients) or 3 (also parameters)")
     offload_optimizer: bool = arg(False, "keep optimizer state in CPU memory (ZeRO-Offload)")
     bf16: bool | None = arg(None, "bf16 weights and compute (default: on with a GPU, off on CPU)")
+    lora_rank: int = arg(0, "LoRA rank r (lora.py): train a low-rank update of the target layers instead of every "
+                            "weight; the reference is the base with the adapters off; 0 = full fine-tuning (paper)")  # fmt: skip
+    lora_alpha: float | None = arg(None, "LoRA alpha: the update is scaled by alpha / r (default: 2 r, ours)")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA branch's input (ours)")
+    lora_targets: str = arg(",".join(lora.DEFAULT_TARGETS), "comma-separated names of the nn.Linear layers to adapt")
+    lora_vision: bool = arg(False, "also adapt the vision tower's matching layers (default: the language model only)")
     freeze_vision: bool = arg(False, "freeze the vision tower and its patch merger: only the language model trains")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
     share_prompt: bool = arg(True, "run each prompt once and its G completions from copies of its KV cache, in "
@@ -239,6 +246,12 @@ def batch_layout(args: Args, world: int) -> tuple[int, int]:
     return local_prompts, seqs // args.mini_batches // args.micro_batch_size
 
 
+def lora_config(args: Args) -> lora.LoRAConfig:
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    return lora.LoRAConfig(args.lora_rank, alpha, args.lora_dropout, targets, args.lora_vision)
+
+
 def build_engines(args: Args, world: int, grad_accum: int, bf16: bool, device):
     """The policy under DeepSpeed (with AdamW and a constant schedule after warm-up) and the frozen reference."""
     import deepspeed
@@ -253,8 +266,12 @@ def build_engines(args: Args, world: int, grad_accum: int, bf16: bool, device):
     model, processor = policy.load_policy(args.model, dtype=dtype)
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
+    if args.lora_rank:  # everything frozen but the adapters
+        lora.add_lora(model, lora_config(args))
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
+        if args.lora_rank:  # frozen embeddings: checkpointed blocks need an input that requires grad
+            model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=args.adam_eps
@@ -266,7 +283,7 @@ def build_engines(args: Args, world: int, grad_accum: int, bf16: bool, device):
     )
     engine.train()
     ref_model = None
-    if args.beta != 0.0:
+    if args.beta != 0.0 and not (args.lora_rank and args.ref_model is None):  # LoRA's reference: adapters off
         ref, _ = policy.load_policy(args.ref_model or args.model, dtype=dtype)
         ref.requires_grad_(False)
         if args.zero_stage == 3:
@@ -429,6 +446,17 @@ def batched_logps(model, batch: grpo.Batch, args: Args) -> torch.Tensor:
     return torch.cat(parts)  # (B, T)
 
 
+def reference_logps(engine, ref_model, batch: grpo.Batch, args: Args) -> torch.Tensor | None:
+    """The frozen reference policy's log-probs (B, T): a loaded reference model, or with LoRA the policy itself with
+    its adapters switched off (the base); None when beta = 0 and nothing is loaded."""
+    if ref_model is not None:
+        return batched_logps(ref_model, batch, args)  # (B, T)
+    if args.lora_rank and args.beta != 0.0:
+        with lora.disabled(engine.module):
+            return batched_logps(engine, batch, args)  # (B, T)
+    return None
+
+
 def _n_micro(batch: grpo.Batch, args: Args) -> int:
     return math.ceil(len(batch) / args.micro_batch_size)
 
@@ -539,15 +567,25 @@ def step_metrics(breakdowns: list[dict], batch: grpo.Batch, stats: dict, group_s
 
 
 def export_policy(engine, processor, out_dir: Path, args: Args, rank: int) -> None:
-    """A plain from_pretrained folder (safetensors + processor); under ZeRO-3 the shards are gathered first."""
+    """A plain from_pretrained folder (safetensors + processor); under ZeRO-3 the shards are gathered first. With
+    LoRA the adapters are merged into the saved weights and also saved alone in OUT/adapter/."""
+
+    def save() -> None:
+        if not args.lora_rank:
+            policy.save_policy(engine.module, processor, out_dir, original_format=args.zero_stage != 3)
+            return
+        with lora.merged_for_save(engine.module):  # W + (alpha / r) B A in plain nn.Linear layers, for the save only
+            policy.save_policy(engine.module, processor, out_dir, original_format=args.zero_stage != 3)
+        lora.save_adapter(engine.module, lora_config(args), out_dir / "adapter")
+
     if args.zero_stage == 3:
         from deepspeed.runtime.zero import GatheredParameters
 
         with GatheredParameters(list(engine.module.parameters()), modifier_rank=None):  # collective
             if rank == 0:
-                policy.save_policy(engine.module, processor, out_dir, original_format=False)
+                save()
     elif rank == 0:
-        policy.save_policy(engine.module, processor, out_dir)
+        save()
     torch.distributed.barrier()  # collective: nobody reads the folder before it is complete
 
 
@@ -609,6 +647,10 @@ def check_args(args: Args) -> None:
         raise ArgsError("--" + grpo.TOP_P_ERROR.format(top_p=args.top_p).replace("_", "-", 1))
     if args.prompts:
         agents.Prompts.load(args.prompts)  # a bad prompts file fails here, before any process or model starts
+    if args.lora_rank < 0 or args.dynamic_sampling < 0:
+        raise ArgsError(f"--lora-rank ({args.lora_rank}) and --dynamic-sampling ({args.dynamic_sampling}) must be >= 0")
+    if args.lora_rank and not lora_config(args).targets:
+        raise ArgsError("--lora-targets: name at least one nn.Linear layer (e.g. q_proj,v_proj)")
 
 
 def main(argv=None, task: tasks.Task | None = None) -> None:
@@ -685,8 +727,7 @@ def main(argv=None, task: tasks.Task | None = None) -> None:
         t = time.perf_counter()
         if args.mu > 1 or args.mini_batches > 1:
             batch.old_per_token_logps = batched_logps(engine, batch, args)  # (B, T)
-        if ref_model is not None:
-            batch.ref_per_token_logps = batched_logps(ref_model, batch, args)  # (B, T)
+        batch.ref_per_token_logps = reference_logps(engine, ref_model, batch, args)  # (B, T) or None
         timings["logps"] = time.perf_counter() - t
 
         # 5. update

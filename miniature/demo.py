@@ -139,6 +139,8 @@ class Args:
     group_size: int = arg(8, "G: sampled decompositions per prompt (paper: 8)")
     max_new_tokens: int = arg(64, "longest sampled decomposition in tokens (a gold one is 20-45)")
     micro_batch_size: int = arg(32, "sequences per forward/backward in train.py")
+    dynamic_sampling: int = arg(0, "train.py --dynamic-sampling K: replace groups with no reward spread by fresh "
+                                   "prompts, up to K rollouts per step (DAPO); 0 = off")  # fmt: skip
     eval_every: int = arg(10, "train.py's held-out evaluation every k steps (plotted next to the training reward)")
     # evaluation (evaluate.py)
     turns: str = arg("single,multi", "chain turns to evaluate (single,multi: the paper's §4.2 ablation)")
@@ -268,7 +270,8 @@ def _grpo(args: Args, seed: int, root: Path, folder: Path, start: Path, settings
           steps: int, max_new_tokens: int) -> dict:  # fmt: skip
     """train.py from the policy in `start`: the decomposition agent (agent=[]) or the thinker (--agent think)."""
     settings = {**settings, "lr": args.grpo_lr, "beta": args.beta, "prompts": args.prompts_per_step,
-                "G": args.group_size, "micro_batch_size": args.micro_batch_size, "eval_every": args.eval_every}  # fmt: skip
+                "G": args.group_size, "micro_batch_size": args.micro_batch_size, "eval_every": args.eval_every,
+                "dynamic_sampling": args.dynamic_sampling}  # fmt: skip
     if stage_done(folder, settings) and (folder / "policy").is_dir():
         return settings
     resume = stage_done(folder, settings) and (folder / "checkpoints" / "latest").is_file()
@@ -284,7 +287,8 @@ def _grpo(args: Args, seed: int, root: Path, folder: Path, start: Path, settings
                       "--group-size", str(args.group_size), "--max-new-tokens", str(max_new_tokens),
                       "--micro-batch-size", str(args.micro_batch_size), "--eval-every", str(args.eval_every),
                       "--save-every", str(save_every), "--keep-checkpoints", "1", "--seed", str(seed),
-                      *(["--resume"] if resume else [])], root / log)  # fmt: skip
+                      "--dynamic-sampling", str(args.dynamic_sampling), *(["--resume"] if resume else [])],
+               root / log)  # fmt: skip
     return settings
 
 
