@@ -70,8 +70,9 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import huggingface_hub
 import torch
@@ -147,6 +148,9 @@ class Args:
     think_threshold: float = arg(
         thinker.DEFAULT_THINK_THRESHOLD, "critic score (0-10) at which the think loop stops, satisfied"
     )
+    think_preset: Literal["ours", "released"] = arg("ours", "'released': EditThinker's released loop "
+                                                    "(thinker.RELEASED_LOOP: at most 5 turns, stop at score 8) over "
+                                                    "--max-turns and --think-threshold")  # fmt: skip
     # the editing agent
     editor: str = arg("flux", "flux | qwen | nano-banana | gpt-image | shapes (the miniature's procedural editor)")
     editor_path: str | None = arg(None, "local pipeline folder or hub id (diffusion), or API model name")
@@ -447,8 +451,13 @@ def evaluate(args: Args) -> dict[tuple[str, str, str], results.Cell]:
         return write_summary(out, sample_ids, methods, labels)
 
 
+def with_preset(args: Args) -> Args:
+    """--think-preset released: EditThinker's released loop settings over --max-turns and --think-threshold."""
+    return replace(args, **thinker.RELEASED_LOOP) if args.think_preset == "released" else args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_dataclass_args(Args, argv, description=__doc__.split("\n\n")[0])
+    args = with_preset(parse_dataclass_args(Args, argv, description=__doc__.split("\n\n")[0]))
     if args.human_scores:
         print(report.report_alignment(Path(args.human_scores), Path(args.out)))
     else:

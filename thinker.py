@@ -49,6 +49,17 @@ from editors import EditError, Editor
 DEFAULT_MAX_TURNS = 3  # ours (the paper's summary gives no number): at most 3 edits and 3 critiques per example
 DEFAULT_THINK_THRESHOLD = 9.0  # ours: a perfect shapes edit scores ~9.7 (one call's artefacts); 9 = "satisfied"
 
+# EditThinker as released (appletea233/EditThinker), where its code differs from our reading of its paper: the RL
+# reward is 0.5 x format + 0.5 x the judged gain (a score-accuracy term is computed there but not used), the loop
+# stops after at most 5 turns or when the critic's scores reach 8, and Qwen3-VL-8B trains with the KL disabled.
+# Its critic gives two scores (semantic, quality) and stops when both reach 8; ours gives one, the judge's 0-10
+# rubric total, so the preset stops at 8 on that one. Both presets judge a re-edit against the user's original
+# request, never against the refined instruction. `train.py --thinker-preset released` and `evaluate.py
+# --think-preset released` apply these over the flags' values; "ours" (the default) leaves the flags as given.
+RELEASED_TRAINING = {"w_format": 1.0, "w_score": 0.0, "w_gain": 1.0, "beta": 0.0}  # (f + g) / 2, no KL
+RELEASED_MODEL = "Qwen/Qwen3-VL-8B-Instruct"  # trained when --model is left at train.py's default
+RELEASED_LOOP = {"max_turns": 5, "think_threshold": 8.0}
+
 # Why the loop stopped (ThinkResult.stop_reason).
 STOP_SATISFIED = "critic satisfied"
 STOP_UNCHANGED = "instruction unchanged"

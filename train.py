@@ -38,7 +38,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -109,6 +109,10 @@ class Args:
     use_goal: bool = arg(True, "include the goal reward (--no-use-goal: the paper's 'without goal' ablation)")
     prompts: str | None = arg(None, "decompose: a JSON file of the agents' prompts (agents.Prompts, e.g. the "
                                     "miniature base's prompts.json); default: the paper's prompts")  # fmt: skip
+    thinker_preset: Literal["ours", "released"] = arg("ours", "think: 'released' sets EditThinker's released reward "
+                                                      "and training (thinker.RELEASED_TRAINING: 0.5 format + 0.5 "
+                                                      "gain, beta 0; Qwen3-VL-8B if --model is left at its default) "
+                                                      "over --w-format/--w-score/--w-gain/--beta")  # fmt: skip
     w_score: float = arg(1.0, "think: weight of the score accuracy 1 - |score - judged| / 10 (ours)")
     w_gain: float = arg(2.0, "think: weight of the judged gain (s1 - s0) / 10 of re-editing the source (ours)")
     editor: str = arg("shapes", "think: the editor the reward re-edits with (shapes | flux | qwen | nano-banana | "
@@ -653,8 +657,20 @@ def check_args(args: Args) -> None:
         raise ArgsError("--lora-targets: name at least one nn.Linear layer (e.g. q_proj,v_proj)")
 
 
+def with_preset(args: Args) -> Args:
+    """--thinker-preset released: EditThinker's released reward weights and training settings over the flags."""
+    if args.thinker_preset == "ours":
+        return args
+    if args.agent != "think":
+        raise ArgsError("--thinker-preset released is for --agent think")
+    import thinker
+
+    model = thinker.RELEASED_MODEL if args.model == PAPER_MODEL else args.model
+    return replace(args, **thinker.RELEASED_TRAINING, model=model)
+
+
 def main(argv=None, task: tasks.Task | None = None) -> None:
-    args = parse_dataclass_args(Args, argv)
+    args = with_preset(parse_dataclass_args(Args, argv))
     check_args(args)
     train_set, eval_set = split_data(args)  # every line is validated before any process or model starts
     launch_if_needed(args)

@@ -137,3 +137,31 @@ def test_specs_build_the_shapes_pieces_and_reject_unknown_names():
         specs.make_editor("paintbrush")
     with pytest.raises(ValueError, match="unknown judge"):
         specs.make_judge("oracle")
+
+
+def test_released_preset_is_editthinkers_own_reward_loop_and_training(examples):
+    import evaluate
+    import train
+    from cli import parse_dataclass_args
+
+    released = train.with_preset(parse_dataclass_args(train.Args, ["--agent", "think", "--thinker-preset", "released"]))
+    assert (released.w_format, released.w_score, released.w_gain, released.beta) == (1.0, 0.0, 1.0, 0.0)
+    assert released.model == "Qwen/Qwen3-VL-8B-Instruct"  # the default model becomes EditThinker's
+    tiny = train.with_preset(parse_dataclass_args(train.Args, ["--agent", "think", "--thinker-preset", "released",
+                                                               "--model", "tiny/qwen3_vl"]))  # fmt: skip
+    assert tiny.model == "tiny/qwen3_vl"  # a model the user named stays
+    ours = train.with_preset(parse_dataclass_args(train.Args, ["--agent", "think"]))
+    assert (ours.w_format, ours.w_score, ours.w_gain, ours.beta) == (1.0, 1.0, 2.0, 0.01)
+    with pytest.raises(train.ArgsError, match="--agent think"):
+        train.with_preset(parse_dataclass_args(train.Args, ["--thinker-preset", "released"]))
+    loop = evaluate.with_preset(parse_dataclass_args(evaluate.Args, ["--think-preset", "released"]))
+    assert (loop.max_turns, loop.think_threshold) == (5, 8.0)
+    assert evaluate.with_preset(parse_dataclass_args(evaluate.Args, [])).max_turns == thinker.DEFAULT_MAX_TURNS
+    # the released reward: 0.5 x format + 0.5 x the judged gain, the score accuracy unused
+    weights = {k: released_value for k, released_value in thinker.RELEASED_TRAINING.items() if k.startswith("w_")}
+    task = thinker.ThinkerTask(procedural.ProceduralEditor(), procedural.ShapesJudge(), **weights)
+    e = examples["shapes-1000-00000"]
+    good = rewards.render_critique("Two changes.", 3, "remove the purple triangle; make the blue circle small")
+    [r] = task.rewards([e], [good])
+    assert r["format"] == 1.0 and r["score"] < 0.5  # a wrong score (3 for a ~9.7 edit) costs nothing here
+    assert r["reward"] == pytest.approx(0.5 * r["format"] + 0.5 * r["gain"])
