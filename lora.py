@@ -1,4 +1,4 @@
-"""LoRA for train.py (Hu et al. 2021, arXiv 2106.09685), written here rather than imported from PEFT.
+"""LoRA for train.py (Hu et al. 2021, arXiv 2106.09685): wrap, switch off and merge adapters, apart from the loop.
 
 A target nn.Linear y = W x keeps W frozen and learns a low-rank update beside it:
 
