@@ -29,10 +29,6 @@ PROMPTS = agents.Prompts(None, DECOMP_TEMPLATE, None, SEQ_TEMPLATE)  # no system
 CELL_Q = "What is in the {cell}?"
 WHERE_Q = "Where is the {name}?"
 SIZE_Q = "How big is the {name}?"
-REFER_Q = "What is {np}?"  # referring expressions: "the triangle", "the shape in the top left", "everything on the left"
-COLOUR_Q = "What colour is {np}?"
-BIG_Q = "How big is {np}?"
-PLACE_Q = "What cell is {relation} {np}?"  # "to the left of the red circle" -> the cell a shape placed there takes
 DESCRIBE_Q = "Describe the image."  # not trained in the shipped recipe; its words are in the vocabulary
 EMPTY = "empty"
 
@@ -75,8 +71,6 @@ def gen_task(task: str, rng: random.Random, split: str = "train"):
         if task == "size":
             s = rng.choice(scene.shapes)
         return img, SIZE_Q.format(name=s.name), s.size, world.CELLS.index(s.cell)
-    if task == "refer":
-        return refer_item(rng)
     if task == "decomp":  # DIRECT requests only
         while True:
             ex = dataset.make_example(rng)
@@ -86,41 +80,6 @@ def gen_task(task: str, rng: random.Random, split: str = "train"):
         ex = dataset.make_example(rng)
         return ex.image, seq_prompt(ex.actions, ex.subjects, ex.goals), agents.render_steps(ex.subrequests)
     raise ValueError(task)
-
-
-def refer_item(rng: random.Random):
-    """A referring-expression question about one random scene, (image, question, answer, cell index to look at).
-
-    The noun phrases are the world's own (attribute, position, superlative, group, relation); the answers are the
-    shapes' names, a colour, a size or a cell. This is visual grounding, a generic skill of an instruction-tuned VLM,
-    not a decomposition: no request, no edit, no tags."""
-    scene = random_scene(rng)
-    img = world.render(scene)
-    kind = rng.choices(["name", "group", "colour", "big", "place"], [4, 2, 1, 1, 2])[0]
-    if kind == "group":
-        draft = dataset._Draft(scene, set(), set(), set(), set())
-        groups = dataset._groups(draft)
-        if groups:
-            text, members = rng.choice(groups)
-            names = ", ".join(m.name for m in members)
-            return img, REFER_Q.format(np=text), names, world.CELLS.index(members[0].cell)
-        kind = "name"
-    s = rng.choice(scene.shapes)
-    phrases = dataset._attribute_phrases(scene, s) + dataset._indirect_phrases(scene, s)
-    if kind == "colour":  # "the colour of the square": the colour is read from the image, not the phrase
-        phrases = [p for p in phrases if s.colour not in p]
-    np_text = rng.choice(phrases)
-    if kind == "place":
-        row, col = divmod(world.CELLS.index(s.cell), world.GRID)
-        options = []
-        for relation, (d_row, d_col) in dataset.NEIGHBOUR_STEPS.items():
-            r, c = row + d_row, col + d_col
-            if 0 <= r < world.GRID and 0 <= c < world.GRID:
-                options.append((relation if relation in ("above", "below") else f"to the {relation}", r, c))
-        relation, r, c = rng.choice(options)
-        return img, PLACE_Q.format(relation=relation, np=np_text), world.CELLS[r * world.GRID + c], world.CELLS.index(s.cell)
-    question, answer = {"name": (REFER_Q, s.name), "colour": (COLOUR_Q, s.colour), "big": (BIG_Q, s.size)}[kind]
-    return img, question.format(np=np_text), answer, world.CELLS.index(s.cell)
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
@@ -150,8 +109,7 @@ def eval_sets(n_scenes=40, n_decomp=80, n_seq=80, seed=12345):
         elif ex.indirect and len(indirect) < n_decomp // 2:
             indirect.append(ex)
     seq = [dataset.make_example(rng) for _ in range(n_seq)]
-    refer = [refer_item(rng) for _ in range(n_seq)]
-    return {"scenes": scenes, "direct": direct, "indirect": indirect, "seq": seq, "refer": refer}
+    return {"scenes": scenes, "direct": direct, "indirect": indirect, "seq": seq}
 
 
 def evaluate(model, processor, sets, parts=("cell", "decomp", "seq")):
@@ -194,11 +152,6 @@ def evaluate(model, processor, sets, parts=("cell", "decomp", "seq")):
         m["where_acc"] = sum(norm(a) == g for a, g in zip(wa, wg)) / len(wg)
         sa = greedy(model, processor, wi, sq, 4)
         m["size_acc"] = sum(norm(a) == g for a, g in zip(sa, sg)) / len(sg)
-    if "refer" in parts:
-        items = sets["refer"]
-        ans = greedy(model, processor, [it[0] for it in items], [it[1] for it in items], 24)
-        ok = [sorted(norm(a).split(", ")) == sorted(norm(it[2]).split(", ")) for a, it in zip(ans, items)]
-        m["refer_acc"] = sum(ok) / len(ok)
     if "decomp" in parts:
         for name in ("direct", "indirect"):
             exs = sets[name]
