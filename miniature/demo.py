@@ -306,12 +306,19 @@ def train_thinker(args: Args, seed: int, root: Path, upstream: dict) -> dict:
                  args.thinker_max_new_tokens)  # fmt: skip
 
 
+def evaluated(folder: Path, settings: dict) -> bool:
+    """An evaluate.py run with these settings that finished (report.html is its last file); a killed one resumes."""
+    return stage_done(folder, settings) and (folder / "report.html").is_file()
+
+
 def evaluate_thinkers(args: Args, seed: int, root: Path, upstream: dict) -> dict:
     """The think rows twice: with the GRPO-trained thinker and with the warm-up-only one (same seeds, same chain)."""
     settings = {**upstream, "max_turns": args.max_turns, "agent_max_new_tokens": args.agent_max_new_tokens}
     agent, prompts = base_agent(args, root)
     for folder, critic in ((root / "eval_think", root / "think_grpo/policy"),
                            (root / "eval_think_untrained", root / "think_warm")):  # fmt: skip
+        if evaluated(folder, settings):
+            continue
         if not stage_done(folder, settings):
             fresh(folder)
             mark_done(folder, settings)
@@ -329,6 +336,8 @@ def evaluate_methods(args: Args, seed: int, root: Path, upstream: dict) -> dict:
     folder = root / "eval"
     settings = {**upstream, "turns": args.turns, "agent_max_new_tokens": args.agent_max_new_tokens}
     agent, prompts = base_agent(args, root)
+    if evaluated(folder, settings):
+        return settings
     if not stage_done(folder, settings):  # evaluate.py resumes a run with the same settings by itself
         fresh(folder)
         mark_done(folder, settings)

@@ -133,6 +133,7 @@ def test_second_run_skips_finished_stages(reduced_demo):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "$ " + Path(sys.executable).name + " -m miniature.warmup" not in proc.stdout
     assert " train.py " not in proc.stdout
+    assert " evaluate.py " not in proc.stdout  # finished evaluations are not re-entered either
     assert (out / "seed3/grpo/policy/model.safetensors").stat().st_mtime_ns == before
 
 
