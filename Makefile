@@ -15,6 +15,9 @@ $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -r requirements.txt -c constraints.txt
+	# DeepSpeed compiles its CPU shared-memory collective op on first use (about a minute on 2 cores, into
+	# ~/.cache/torch_extensions): build it here, once, rather than inside the first train.py run of the tests
+	DS_ACCELERATOR=$(DS_ACCELERATOR) $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	@touch $(STAMP)
 
 # Two workers, a test file each at a time (module fixtures stay in one worker): most tests run train.py, warmup.py or
