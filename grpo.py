@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
+import torch.utils.checkpoint
 
 Aggregation = Literal["sequence", "token", "constant"]
 AdvantageScale = Literal["group", "none"]
@@ -53,6 +54,7 @@ ADV_EPS = 1e-4  # added to the group std; small against F1 reward spreads (>= 1/
 EQUAL_TOL = 1e-6  # rewards closer than this (in float64) count as equal: 1/3 in float32 is not exact
 KL_LOG_RATIO_CLAMP = 20.0  # |ref - logp| beyond 20 nats is numerical junk, not a divergence to learn from (verl)
 KL_CLAMP = 10.0  # bound of the per-token k3 estimate (verl's low_var_kl), so one token cannot dominate the loss
+STATIC_CACHE_BUCKET = 256  # sample_group(static_cache=True) sizes the KV cache to a multiple of this many tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -204,7 +206,9 @@ def grpo_loss(
 # The one log-prob function: current, old and reference policy all go through here.
 
 
-def per_token_logps(model, batch: Batch, temperature: float = 1.0, *, return_entropy: bool = False, forward=None):
+def per_token_logps(
+    model, batch: Batch, temperature: float = 1.0, *, return_entropy: bool = False, forward=None, chunk_tokens: int = 0
+):
     """log pi(o_t | q, o_<t) for every completion token: (B, T), or ((B, T), entropy (B, T)).
 
     The prompt and completion are run as one sequence. Logits at position t predict token t + 1, hence the one-token
@@ -215,23 +219,61 @@ def per_token_logps(model, batch: Batch, temperature: float = 1.0, *, return_ent
     suppressed (`batch.suppress_token_ids`) get logit -inf here too, so both sides use the same distribution.
     `forward(model, batch)` computes those logits (B, T + 1, V): `full_sequence_logits` by default, or
     `grpo_fast.shared_prompt_logits`, which gives the same numbers with each distinct prompt run once.
+
+    `chunk_tokens` > 0 never materialises the (B, T, V) logits: the forward returns the final hidden states
+    (B, T + 1, H) instead, and the output layer and log-softmax run on `chunk_tokens` positions at a time. Under
+    autograd each chunk is checkpointed, so its (chunk, V) logits are freed after the forward and recomputed in the
+    backward: peak memory is one chunk's logits, not B x T x V in fp32 (5 GB per copy for 32 rows of 256 tokens at
+    Qwen's 152k vocabulary). Same numbers as the plain path, to fp32 rounding (tests/test_rollout_fast.py).
     """
-    logits = (forward or full_sequence_logits)(model, batch)  # (B, T + 1, V)
-    logits = logits[:, :-1, :].float() / temperature  # (B, T, V) position P-1+t predicts completion token t
-    if batch.suppress_token_ids:
-        logits[..., batch.suppress_token_ids] = float("-inf")  # (B, T, V) as generate's SuppressTokensLogitsProcessor
-    logps = logits.log_softmax(-1)  # (B, T, V)
-    token_logps = logps.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    forward = forward or full_sequence_logits
+    if not chunk_tokens:
+        logits = forward(model, batch)[:, :-1, :]  # (B, T, V) position P-1+t predicts completion token t
+        return _logps_and_entropy(logits, batch.completion_ids, temperature, batch.suppress_token_ids, return_entropy)
+    hidden = forward(model, batch, hidden=True)[:, :-1, :]  # (B, T, H)
+    B, T, H = hidden.shape
+    head = output_layer(model)
+    pieces = []
+    for start in range(0, B * T, chunk_tokens):
+        h = hidden.reshape(B * T, H)[start : start + chunk_tokens]  # (c, H)
+        ids = batch.completion_ids.reshape(B * T)[start : start + chunk_tokens]  # (c,)
+
+        def chunk(h, ids=ids):
+            return _logps_and_entropy(head(h), ids, temperature, batch.suppress_token_ids, True)  # (c,), (c,)
+
+        grad = torch.is_grad_enabled() and h.requires_grad
+        pieces.append(torch.utils.checkpoint.checkpoint(chunk, h, use_reentrant=False) if grad else chunk(h))
+    token_logps = torch.cat([lp for lp, _ in pieces]).view(B, T)  # (B, T)
+    entropy = torch.cat([e for _, e in pieces]).view(B, T)  # (B, T)
+    return (token_logps, entropy) if return_entropy else token_logps
+
+
+def _logps_and_entropy(logits, ids, temperature: float, suppress_token_ids, return_entropy: bool):
+    """log p(ids) under softmax(logits / temperature) in fp32, and optionally the entropy: logits (..., V), ids (...)."""
+    logits = logits.float() / temperature  # (..., V)
+    if suppress_token_ids:
+        logits[..., suppress_token_ids] = float("-inf")  # (..., V) as generate's SuppressTokensLogitsProcessor
+    logps = logits.log_softmax(-1)  # (..., V)
+    token_logps = logps.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (...)
     if not return_entropy:
         return token_logps
     with torch.no_grad():
         # suppressed tokens have logp -inf and p 0: clamping keeps their 0 * logp at 0 instead of nan
-        entropy = -(logps.exp() * logps.clamp(min=torch.finfo(logps.dtype).min)).sum(-1)  # (B, T)
+        entropy = -(logps.exp() * logps.clamp(min=torch.finfo(logps.dtype).min)).sum(-1)  # (...)
     return token_logps, entropy
 
 
-def full_sequence_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits (B, T + 1, V) at the last prompt token and the completion, from one pass over prompt + completion."""
+def output_layer(model):
+    """The model's output projection (hidden -> vocabulary logits), through a DeepSpeed engine's wrapper if any."""
+    return getattr(model, "module", model).get_output_embeddings()
+
+
+def full_sequence_logits(model, batch: Batch, *, hidden: bool = False) -> torch.Tensor:
+    """Logits (B, T + 1, V) at the last prompt token and the completion, from one pass over prompt + completion.
+
+    With `hidden`, the final (normed) hidden states (B, T + 1, H) at those positions instead: the output layer then
+    runs on one position only, and the caller applies it in chunks (`per_token_logps(chunk_tokens=...)`).
+    """
     prompt = batch.prompt
     T = batch.completion_ids.shape[1]
     input_ids = torch.cat([prompt["input_ids"], batch.completion_ids], dim=1)  # (B, P + T)
@@ -240,6 +282,10 @@ def full_sequence_logits(model, batch: Batch) -> torch.Tensor:
     if "mm_token_type_ids" in prompt:
         zeros = torch.zeros_like(batch.completion_ids)  # (B, T) completion tokens are text
         extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], zeros], dim=1)  # (B, P + T)
+    if hidden:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True,
+                    **extra)  # fmt: skip
+        return out.hidden_states[-1][:, -(T + 1) :]  # (B, T + 1, H) the last layer's output after the final norm
     return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, **extra).logits
 
 
@@ -310,6 +356,7 @@ def sample_group(
     suppress_token_ids: list[int] | None = None,
     return_sampling_logps: bool = False,
     prefill=None,
+    static_cache: bool = False,
     **generate_kwargs,
 ) -> Batch:
     """Sample G completions for each of N left-padded prompts with one `generate` call.
@@ -320,9 +367,13 @@ def sample_group(
     With `return_sampling_logps`, the log-probs that generation itself used are attached as `old_per_token_logps`
     (tests compare them with `per_token_logps`; training recomputes them in the training precision).
     `suppress_token_ids` can never be sampled (their logits are -inf); pass the same ids to `per_token_logps`.
-    `prefill(model, prompts, group_size, repeated)`, if given, returns the inputs generate starts from instead of
+    `prefill(model, prompts, group_size, repeated, static_len)`, if given, returns the inputs generate starts from instead of
     the B repeated prompts: `grpo_fast.shared_prompt_inputs` runs each prompt once and lets its G rows continue from
     copies of its KV cache (the same samples under a fixed seed, about G times less prompt compute).
+    `static_cache` decodes into a KV cache preallocated to its final length (transformers' StaticCache; the prefill
+    gets `static_len` and returns one). Every decode step then has the same shapes and addresses, so on a GPU
+    transformers compiles the step and replays it as a CUDA graph instead of launching each small kernel from
+    Python; on a CPU it runs eagerly. The same samples as the dynamic cache (tests/test_rollout_fast.py).
     """
     if top_p != 1.0:
         raise ValueError(TOP_P_ERROR.format(top_p=top_p))
@@ -331,10 +382,15 @@ def sample_group(
         eos_token_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     tokenizer = getattr(processor, "tokenizer", processor)
     repeated = repeat_prompts(prompts, group_size)  # input_ids (B, P)
-    inputs = prefill(model, prompts, group_size, repeated) if prefill else repeated
+    # P + T cache slots, rounded up so that steps with other prompt lengths reuse the compiled decode step
+    static_len = -(-(repeated["input_ids"].shape[1] + max_new_tokens) // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+    static_len = static_len if static_cache else 0
+    inputs = prefill(model, prompts, group_size, repeated, static_len=static_len) if prefill else repeated
     fields = dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
                   eos_token_id=eos_token_ids, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
                   output_scores=return_sampling_logps, suppress_tokens=suppress_token_ids or None)  # fmt: skip
+    if static_cache and "cache" not in inputs:  # generate allocates it; a prefill's cache is already static
+        fields.update(cache_implementation="static", max_cache_len=static_len)
     out = generate(model, inputs, fields, **generate_kwargs)
     prompt_len = repeated["input_ids"].shape[1]
     completion_ids = out.sequences[:, prompt_len:]  # (B, T)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from transformers import StaticCache
 
 from grpo import SEQUENCE_KEYS, Batch, patch_offsets, select_rows
 
@@ -73,18 +74,35 @@ def shared_prompt_cache(model, prompts: dict[str, torch.Tensor], rows: torch.Ten
     return cache, deltas
 
 
-def shared_prompt_inputs(model, prompts: dict[str, torch.Tensor], group_size: int, repeated: dict) -> dict:
+def shared_prompt_inputs(
+    model, prompts: dict[str, torch.Tensor], group_size: int, repeated: dict, static_len: int = 0
+) -> dict:
     """`grpo.sample_group`'s prefill: each of the N prompts run once, its KV cache copied to its G rows.
 
     generate then feeds only the tokens the cache lacks (each row's last prompt token), so no image inputs are needed.
+    With `static_len` > 0 the copies go into a StaticCache of that many slots (`grpo.sample_group(static_cache=True)`).
     """
     rows = torch.arange(prompts["input_ids"].shape[0]).repeat_interleave(group_size)  # (B,) prompt of each row
     cache, _ = shared_prompt_cache(model, prompts, rows.to(prompts["input_ids"].device))
+    if static_len:
+        cache = static_copy(model, cache, static_len)
     return {k: repeated[k] for k in SEQUENCE_KEYS if k in repeated} | {"cache": cache}
 
 
-def shared_prompt_logits(model, batch: Batch) -> torch.Tensor:
-    """`grpo.per_token_logps`'s forward: logits (B, T + 1, V) as `grpo.full_sequence_logits`, with each distinct prompt's first P - 1 tokens run once."""
+def static_copy(model, cache, max_cache_len: int) -> StaticCache:
+    """A StaticCache of `max_cache_len` slots per layer holding `cache`'s keys and values (B, kv_heads, P - 1, d)
+    in its first P - 1 slots: generate continues from it as from the dynamic cache, with fixed shapes."""
+    static = StaticCache(
+        config=getattr(model, "module", model).config.get_text_config(decoder=True), max_cache_len=max_cache_len
+    )
+    for target, source in zip(static.layers, cache.layers, strict=True):
+        target.update(source.keys, source.values)  # (B, kv_heads, max_cache_len, d), the first P - 1 filled
+    return static
+
+
+def shared_prompt_logits(model, batch: Batch, *, hidden: bool = False) -> torch.Tensor:
+    """`grpo.per_token_logps`'s forward: logits (B, T + 1, V) as `grpo.full_sequence_logits`, with each distinct
+    prompt's first P - 1 tokens run once. With `hidden`, the final hidden states (B, T + 1, H) instead."""
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     if checkpointing and model.training and torch.is_grad_enabled():
         # transformers' checkpointed layers set cache=None, which would silently score the completion without its prompt
@@ -101,8 +119,8 @@ def shared_prompt_logits(model, batch: Batch) -> torch.Tensor:
     # text after the prompt sits at the same position on all three M-RoPE axes: its 1-D position plus the row's offset
     position_ids = (attention_mask.cumsum(-1) - 1)[:, -(T + 1) :] + rope_deltas  # (B, 1 + T)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                use_cache=True, logits_to_keep=T + 1)  # fmt: skip
-    return out.logits
+                use_cache=True, logits_to_keep=1 if hidden else T + 1, output_hidden_states=hidden)  # fmt: skip
+    return out.hidden_states[-1] if hidden else out.logits  # (B, 1 + T, H) or (B, 1 + T, V)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

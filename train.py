@@ -147,6 +147,10 @@ class Args:
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
     share_prompt: bool = arg(True, "run each prompt once and its G completions from copies of its KV cache, in "
                                    "sampling and scoring (grpo.py; same numbers, 2-3x faster on CPU)")  # fmt: skip
+    static_cache: bool = arg(False, "decode into a preallocated KV cache (grpo.sample_group): fixed shapes, so on a "
+                                    "GPU transformers compiles the decode step into a CUDA graph; same samples")  # fmt: skip
+    logps_chunk: int = arg(0, "score log-probs this many tokens at a time from the hidden states, never holding the "
+                              "(rows, T, vocab) logits (grpo.per_token_logps); 0 = all at once")  # fmt: skip
     gather_for_generation: bool = arg(True, "ZeRO-3: gather full weights once for generation (fast); "
                                             "--no-gather-for-generation uses generate(synced_gpus=True)")  # fmt: skip
     zero3_live_parameters: int | None = arg(None, "ZeRO-3 stage3_max_live_parameters / max_reuse_distance / "
@@ -385,7 +389,8 @@ def rollout(engine, processor, task: tasks.Task, examples: list, args: Args, tim
             gen_model, processor, prompt, args.group_size, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, eos_token_ids=policy.eos_token_ids(processor),
             suppress_token_ids=policy.vision_token_ids(processor),  # an image token in a completion breaks scoring
-            prefill=grpo_fast.shared_prompt_inputs if args.share_prompt else None, **gen_kwargs,
+            prefill=grpo_fast.shared_prompt_inputs if args.share_prompt else None, static_cache=args.static_cache,
+            **gen_kwargs,
         )  # fmt: skip
     batch = grpo.select(batch, grpo_fast.rows_by_length(batch.completion_mask, args.group_size))
     engine.train()
@@ -445,7 +450,8 @@ def batched_logps(model, batch: grpo.Batch, args: Args) -> torch.Tensor:
     T = batch.completion_ids.shape[1]
     parts = []
     for mb in grpo.split_micro_batches(batch, _n_micro(batch, args)):
-        lp = grpo.per_token_logps(model, grpo_fast.trim_padding(mb), args.temperature, forward=scoring_forward(args))
+        lp = grpo.per_token_logps(model, grpo_fast.trim_padding(mb), args.temperature, forward=scoring_forward(args),
+                                  chunk_tokens=args.logps_chunk)  # fmt: skip
         parts.append(torch.nn.functional.pad(lp, (0, T - lp.shape[1])))  # (b, T) back to the batch's width
     return torch.cat(parts)  # (B, T)
 
@@ -485,8 +491,9 @@ def update_policy(engine, batch: grpo.Batch, args: Args, world_size: int, device
             for mb in micro_batches:
                 mb = grpo_fast.trim_padding(mb)  # drop completion columns that are padding in every row of this slice
                 logps, entropy = grpo.per_token_logps(
-                    engine, mb, args.temperature, return_entropy=True, forward=scoring_forward(args)
-                )  # (b, T)
+                    engine, mb, args.temperature, return_entropy=True, forward=scoring_forward(args),
+                    chunk_tokens=args.logps_chunk,
+                )  # (b, T)  # fmt: skip
                 # on-policy (mu = 1, one mini-batch): the sampling policy is this very policy, so old = current
                 old = mb.old_per_token_logps if mb.old_per_token_logps is not None else logps.detach()
                 loss, metrics = grpo.grpo_loss(
@@ -651,8 +658,14 @@ def check_args(args: Args) -> None:
         raise ArgsError("--" + grpo.TOP_P_ERROR.format(top_p=args.top_p).replace("_", "-", 1))
     if args.prompts:
         agents.Prompts.load(args.prompts)  # a bad prompts file fails here, before any process or model starts
-    if args.lora_rank < 0 or args.dynamic_sampling < 0:
-        raise ArgsError(f"--lora-rank ({args.lora_rank}) and --dynamic-sampling ({args.dynamic_sampling}) must be >= 0")
+    for name in ("lora_rank", "dynamic_sampling", "logps_chunk"):
+        if getattr(args, name) < 0:
+            raise ArgsError(f"--{name.replace('_', '-')} ({getattr(args, name)}) must be >= 0")
+    if args.logps_chunk and args.zero_stage == 3:
+        # each chunk calls the output layer once, and ZeRO-3 all-gathers its weights on every call: ranks scoring
+        # different numbers of tokens would wait on each other's gathers forever (measured: a 2-rank run hung)
+        raise ArgsError("--logps-chunk needs --zero-stage 2: under ZeRO-3 ranks with different token counts would make "
+                        "different numbers of weight gathers and hang")  # fmt: skip
     if args.lora_rank and not lora_config(args).targets:
         raise ArgsError("--lora-targets: name at least one nn.Linear layer (e.g. q_proj,v_proj)")
 

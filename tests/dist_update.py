@@ -1,6 +1,6 @@
 """One GRPO update of train.py on a fixed global batch, for tests that vary the world size and micro-batching.
 
-    python tests/dist_update.py MODEL OUT_DIR --world 1|2 --micro M [--stage 2|3]
+    python tests/dist_update.py MODEL OUT_DIR --world 1|2 --micro M [--stage 2|3] [--logps-chunk K]
 
 Under `--world 2` it re-launches itself with torchrun. Each rank takes its prompts of step 0 exactly as `train.main`
 does (`train.rank_examples` over `train.split_data`), encodes them with train.py's own prompt builder, and gives
@@ -54,10 +54,11 @@ def main() -> None:
     p.add_argument("--world", type=int, default=1)
     p.add_argument("--micro", type=int, default=8)
     p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--logps-chunk", type=int, default=0)
     a = p.parse_args()
     base = dict(model=a.model, gpus=a.world, train_data=str(EXAMPLE), eval_size=8, prompts_per_step=N_PROMPTS,
                 group_size=G, micro_batch_size=a.micro, max_new_tokens=T, zero_stage=a.stage, beta=0.1, lr=1e-3,
-                grad_clip=1e9, adam_eps=1.0, weight_decay=0.0, output_dir=a.out)  # fmt: skip
+                grad_clip=1e9, adam_eps=1.0, weight_decay=0.0, output_dir=a.out, logps_chunk=a.logps_chunk)  # fmt: skip
     train.launch_if_needed(train.Args(**base))
     import deepspeed
 

@@ -46,7 +46,8 @@ def main() -> None:
 
     def per_token_logps(model, batch, *args, **kwargs):
         forward = kwargs.get("forward") or grpo.full_sequence_logits  # which path scores
-        record({"call": "logps", "forward": forward.__name__, "grad": torch.is_grad_enabled(), "rows": len(batch)})
+        record({"call": "logps", "forward": forward.__name__, "grad": torch.is_grad_enabled(), "rows": len(batch),
+                "chunk_tokens": kwargs.get("chunk_tokens", 0)})  # fmt: skip
         return real_logps(model, batch, *args, **kwargs)
 
     def grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, **kwargs):

@@ -140,6 +140,74 @@ def test_shared_prompt_runs_each_prompt_once(tiny_qwen25, make_image):
     assert counter.counts["shared"]["logit_rows"] == B * (T + 1) + n  # the prefill keeps one position's logits
 
 
+# ------------------------------------------------------------------------------ static KV cache, chunked log-probs
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_static_cache_draws_the_same_samples(tiny_policy, make_image, share_prompt):
+    model, processor = tiny_policy
+    prompts = _prompts(processor, make_image)
+    dynamic = _sample(model, processor, prompts, 3, share_prompt)
+    torch.manual_seed(0)
+    static = grpo.sample_group(
+        model, processor, prompts, 3, max_new_tokens=10, eos_token_ids=policy.eos_token_ids(processor),
+        suppress_token_ids=policy.vision_token_ids(processor), return_sampling_logps=True,
+        prefill=grpo_fast.shared_prompt_inputs if share_prompt else None, static_cache=True,
+    )  # fmt: skip
+    assert torch.equal(dynamic.completion_ids, static.completion_ids) and dynamic.texts == static.texts
+    assert _masked_max_diff(dynamic.old_per_token_logps, static.old_per_token_logps, dynamic.completion_mask) < TOL
+
+
+def test_shared_prefill_fills_a_static_cache_of_a_bucketed_length(tiny_qwen25, make_image):
+    from transformers import StaticCache
+
+    model, processor = policy.load_policy(str(tiny_qwen25))
+    prompts = _prompts(processor, make_image)
+    repeated = grpo.repeat_prompts(prompts, 2)
+    P = prompts["input_ids"].shape[1]
+    dynamic = grpo_fast.shared_prompt_inputs(model, prompts, 2, repeated)["cache"]
+    static = grpo_fast.shared_prompt_inputs(model, prompts, 2, repeated, static_len=256)["cache"]
+    assert isinstance(static, StaticCache) and int(static.get_seq_length()) == P - 1
+    for d, s in zip(dynamic.layers, static.layers, strict=True):
+        assert s.keys.shape[2] == 256  # (B, kv_heads, 256, head_dim): every decode step has this shape
+        assert torch.equal(s.keys[:, :, : P - 1], d.keys) and torch.equal(s.values[:, :, : P - 1], d.values)
+        assert not s.keys[:, :, P - 1 :].any()  # the slots generate fills
+    assert P + 10 <= 256 == -(-(P + 10) // grpo.STATIC_CACHE_BUCKET) * grpo.STATIC_CACHE_BUCKET
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_chunked_logps_equal_the_plain_path_with_one_chunk_of_logits_at_a_time(tiny_policy, make_image, share):
+    model, processor = tiny_policy
+    batch = _sample(model, processor, _prompts(processor, make_image), 3, share_prompt=False)
+    B, T = batch.completion_ids.shape
+    weights = torch.randn(B, T, generator=torch.Generator().manual_seed(0))  # (B, T)
+    head_rows = []  # rows of every call of the output layer, forward and backward recomputation alike
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda m, a, out: head_rows.append(a[0].numel() // a[0].shape[-1])
+    )
+    model.train()
+    results = []
+    for chunk in (0, 7):
+        model.zero_grad()
+        head_rows.clear()
+        logps, entropy = grpo.per_token_logps(
+            model, batch, return_entropy=True, forward=forward(share), chunk_tokens=chunk
+        )
+        (logps * weights * batch.completion_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logps.detach(), entropy, grads, list(head_rows)))
+    hook.remove()
+    (plain, plain_entropy, plain_grads, plain_rows), (chunked, chunked_entropy, chunked_grads, chunked_rows) = results
+    assert _masked_max_diff(plain, chunked, batch.completion_mask) < TOL
+    assert _masked_max_diff(plain_entropy, chunked_entropy, batch.completion_mask) < TOL
+    assert plain_grads.keys() == chunked_grads.keys() and any("lm_head" in n or "embed" in n for n in plain_grads)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    assert max(plain_rows) >= B * (T + 1) - B  # the plain path's head sees every row's T + 1 positions at once
+    # the chunked head: one position per row in the forward, then 7 positions at a time, twice (forward, backward)
+    assert max(chunked_rows) <= max(7, B) and sum(r for r in chunked_rows if r <= 7) >= 2 * B * T
+
+
 def test_prompt_groups_compare_tokens_and_pixels():
     ids = torch.tensor([[1, 2], [1, 2], [3, 4], [3, 4], [3, 4]])  # (5, 2) two texts
     grid = torch.tensor([[1, 2, 2]] * 5)  # (5, 3) one 4-patch image per row

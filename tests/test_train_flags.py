@@ -220,6 +220,23 @@ def test_gradient_checkpointing_scores_every_pass_on_one_path_with_the_same_grad
 # --------------------------------------------------------------------------------------------- memory and precision
 
 
+def test_static_cache_and_chunked_logps_take_the_plain_step(plain_run, tiny_qwen25, tmp_path):
+    plain_out, [plain_record], plain_evts = plain_run
+    out = tmp_path / "fast"
+    [record], evts = probe(tiny_qwen25, out, "--max-steps", "1", "--samples-every", "1", "--static-cache",
+                           "--logps-chunk", "5")  # fmt: skip
+    assert {e["chunk_tokens"] for e in of(evts, "logps")} == {5}  # every scoring pass is chunked
+    # the same samples and rewards (static cache), the same log-probs, loss and gradient (chunked scoring)
+    assert (out / "samples.jsonl").read_text() == (plain_out / "samples.jsonl").read_text()
+    assert of(evts, "advantages")[0]["rewards"] == of(plain_evts, "advantages")[0]["rewards"]
+    assert record["entropy"] == pytest.approx(plain_record["entropy"], rel=1e-5)
+    assert of(evts, "update")[0]["grad_norm"] == pytest.approx(of(plain_evts, "update")[0]["grad_norm"], rel=1e-5)
+    assert moved(weights(out / "policy"), weights(tiny_qwen25)) > MOVED
+    # AdamW's first step is lr * g / (|g| + eps), near lr * sign(g): where |g| is near eps the fp32 rounding of the
+    # chunked sums moves a weight by up to ~3e-5 (measured); a wrong gradient would move many by ~lr = 1e-2
+    assert moved(weights(out / "policy"), weights(plain_out / "policy")) < 1e-3
+
+
 def test_offload_optimizer_runs_and_gives_the_same_update(plain_run, tiny_qwen25, tmp_path):
     plain_out, _, _ = plain_run
     out = tmp_path / "offload"
@@ -282,6 +299,14 @@ def test_top_p_below_one_is_refused_before_anything_loads(tmp_path):
     assert proc.returncode == 2 and "--top-p=0.9" in proc.stderr and "full softmax" in proc.stderr
     with pytest.raises(ValueError, match="top_p=0.9"):
         grpo.sample_group(None, None, {}, 2, max_new_tokens=1, top_p=0.9)
+
+
+def test_chunked_logps_under_zero3_and_negative_sizes_are_refused():
+    with pytest.raises(train.ArgsError, match="--logps-chunk needs --zero-stage 2"):
+        train.check_args(train.Args(logps_chunk=1024, zero_stage=3))
+    with pytest.raises(train.ArgsError, match=r"--logps-chunk \(-1\) must be >= 0"):
+        train.check_args(train.Args(logps_chunk=-1))
+    train.check_args(train.Args(logps_chunk=1024, zero_stage=2))
 
 
 def test_prompts_file_reaches_the_task_and_a_bad_one_is_refused_before_anything_loads(tmp_path):

@@ -17,12 +17,13 @@ from test_train_flags import tensorboard_scalars
 
 def test_update_is_independent_of_world_size_micro_batches_and_zero_stage(tiny_qwen25, tmp_path):
     # every aggregation, ZeRO-2 and ZeRO-3, ranks split by train.main's own rank_examples; the "token" and
-    # "sequence" denominators are the ones a per-rank or per-micro-batch normaliser gets wrong
+    # "sequence" denominators are the ones a per-rank or per-micro-batch normaliser gets wrong. The two-rank ZeRO-2 run
+    # also scores in chunks of 5 tokens (--logps-chunk: the output layer checkpointed, under DeepSpeed's gradient hooks)
     outs = {}
-    for world, micro, stage in [(1, 8, 2), (1, 2, 2), (2, 1, 2), (2, 2, 3)]:
-        out = tmp_path / f"w{world}m{micro}z{stage}"
+    for world, micro, stage, chunk in [(1, 8, 2, 0), (1, 2, 2, 0), (2, 1, 2, 5), (2, 2, 3, 0)]:
+        out = tmp_path / f"w{world}m{micro}z{stage}c{chunk}"
         proc = run(["tests/dist_update.py", str(tiny_qwen25), str(out), "--world", str(world), "--micro", str(micro),
-                    "--stage", str(stage)])  # fmt: skip
+                    "--stage", str(stage), "--logps-chunk", str(chunk)])  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs[(world, micro, stage)] = out
     start = loaded(tiny_qwen25)
