@@ -27,6 +27,11 @@ tests; in bf16 on a GPU the shared and repeated prefills round differently, so t
     sorted_trim    rows sorted by completion length within each group (grpo_fast.rows_by_length), so that cutting
                    every micro-batch to its own longest prompt and completion (grpo_fast.trim_padding, which
                    train.py's scoring passes do in every variant) removes most padding: train.py as it runs
+    static_cache   sample_group(static_cache=True) (train.py --static-cache): the decode step writes into a KV cache
+                   preallocated to a multiple of 256 tokens, so on a GPU transformers compiles it and replays it as
+                   a CUDA graph (the first step of each new shape pays the compile; the untimed step takes it)
+    chunked_logps  per_token_logps(chunk_tokens=1024) (train.py --logps-chunk 1024): the output layer and log-softmax
+                   run on 1,024 positions at a time, checkpointed, so the (rows, T, vocab) fp32 logits never exist
 
 Measuring choices: the reference pass runs the policy's own weights (same architecture, same cost, no second copy in
 memory); the optimizer's learning rate is 0, so every variant and every repeat sees the same weights and draws the same
@@ -72,7 +77,7 @@ class Args:
     micro_batch_size: int | None = arg(None, "rows per scoring / update forward (default: 4 tiny, 2 otherwise)")
     image_size: int | None = arg(None, "images are resized to this square side in pixels (default: 128 tiny, 1024 "
                                        "otherwise; 1024 gives Qwen2.5-VL 1,369 image tokens)")  # fmt: skip
-    variant: Literal["plain", "shared_rollout", "shared_logps", "sorted_trim"] = arg(
+    variant: Literal["plain", "shared_rollout", "shared_logps", "sorted_trim", "static_cache", "chunked_logps"] = arg(
         "sorted_trim", "which path to measure without --compare (see the module docstring)"
     )
     compare: bool = arg(False, "measure every variant in one run and print each table and a summary")
@@ -235,7 +240,8 @@ class FlopCounter:
         self._add("patches", pixels.shape[0])
 
     def _head(self, module, args):
-        self._add("logit_rows", args[0].shape[0] * args[0].shape[1])
+        hidden = args[0]  # (rows, kept, hidden), or (tokens, hidden) for a chunk of --logps-chunk
+        self._add("logit_rows", hidden.numel() // hidden.shape[-1])
 
     def forward_flops(self, phase: str) -> tuple[float, float]:
         """(all forward FLOPs of the phase, the vision tower's part of them)."""
@@ -298,7 +304,11 @@ class Variant:
     share_rollout: bool
     share_logps: bool
     sort_rows: bool
+    static_cache: bool = False
+    logps_chunk: int = 0
 
+
+LOGPS_CHUNK = 1024  # tokens per chunk of the chunked_logps variant: (1024, 152k) fp32 logits are 0.6 GB at 7B
 
 VARIANTS = {
     v.name: v
@@ -307,6 +317,8 @@ VARIANTS = {
         Variant("shared_rollout", True, False, False),
         Variant("shared_logps", True, True, False),
         Variant("sorted_trim", True, True, True),
+        Variant("static_cache", True, True, True, static_cache=True),
+        Variant("chunked_logps", True, True, True, static_cache=True, logps_chunk=LOGPS_CHUNK),
     )
 }
 
@@ -318,6 +330,8 @@ def train_args(args: Args, variant: Variant) -> train.Args:
         max_new_tokens=args.max_new_tokens,
         micro_batch_size=args.micro_batch_size,
         share_prompt=variant.share_logps,
+        static_cache=variant.static_cache,
+        logps_chunk=variant.logps_chunk,
     )
 
 
@@ -336,7 +350,7 @@ def grpo_step(model, processor, optimizer, prompts, examples, args: Args, varian
     batch = grpo.sample_group(
         model, processor, prompts, G, max_new_tokens=args.max_new_tokens, eos_token_ids=policy.eos_token_ids(processor),
         suppress_token_ids=policy.vision_token_ids(processor),
-        prefill=grpo_fast.shared_prompt_inputs if variant.share_rollout else None,
+        prefill=grpo_fast.shared_prompt_inputs if variant.share_rollout else None, static_cache=variant.static_cache,
     )  # fmt: skip
     if variant.sort_rows:
         batch = grpo.select(batch, grpo_fast.rows_by_length(batch.completion_mask, G))
@@ -362,7 +376,9 @@ def grpo_step(model, processor, optimizer, prompts, examples, args: Args, varian
     forward = train.scoring_forward(settings)
     for mb in grpo.split_micro_batches(batch, train._n_micro(batch, settings)):
         mb = grpo_fast.trim_padding(mb)
-        logps, _ = grpo.per_token_logps(model, mb, return_entropy=True, forward=forward)  # (b, T')
+        logps, _ = grpo.per_token_logps(
+            model, mb, return_entropy=True, forward=forward, chunk_tokens=settings.logps_chunk
+        )  # (b, T')
         loss, _ = grpo.grpo_loss(logps, logps.detach(), mb.ref_per_token_logps, mb.advantages, mb.completion_mask,
                                  max_completion_length=args.max_new_tokens, denominator=denominator)  # fmt: skip
         loss.backward()
