@@ -124,6 +124,45 @@ def shared_prompt_logits(model, batch: Batch, *, hidden: bool = False) -> torch.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Packing: the rows of a micro-batch laid end to end in ONE sequence, without their padding, each attending only to
+# itself (a block-diagonal causal mask). transformers builds that mask itself when a forward gets no attention mask,
+# no cache, and position ids that restart at 0 where a row begins (Qwen-VL: a 4-row position tensor, the 1-D text
+# positions first, then M-RoPE's temporal, height and width positions). With flash-attention 2 or flex attention the
+# mask becomes a varlen / block-sparse kernel; with SDPA (the CPU) it is a dense (N, N) mask, so on the CPU packing
+# only removes the padding's work in the linear layers.
+
+
+def packed_logits(model, batch: Batch, *, hidden: bool = False) -> torch.Tensor:
+    """`grpo.per_token_logps`'s forward: logits (B, T + 1, V) as `grpo.full_sequence_logits`, from one packed
+    sequence of every row's real tokens: its prompt without left padding and its completion up to its EOS
+    (positions after the EOS are masked by the caller and not run; they get the last real token's numbers). With
+    `hidden`, the final hidden states (B, T + 1, H) instead."""
+    prompt, completion = batch.prompt, batch.completion_ids
+    B, T = completion.shape
+    input_ids = torch.cat([prompt["input_ids"], completion], dim=1)  # (B, L), L = P + T
+    attention_mask = torch.cat([prompt["attention_mask"], torch.ones_like(completion)], dim=1)  # (B, L)
+    scored = torch.ones_like(completion) if batch.completion_mask is None else batch.completion_mask  # (B, T)
+    keep = torch.cat([prompt["attention_mask"], scored], dim=1).bool()  # (B, L) the tokens that are run
+    text_positions = attention_mask.cumsum(-1) - 1  # (B, L) each row's own 1-D positions, from 0
+    mm_types = torch.zeros_like(input_ids)  # (B, L) completion tokens are text
+    extra = {k: v for k, v in prompt.items() if k not in SEQUENCE_KEYS}  # pixel_values, image_grid_thw
+    if "mm_token_type_ids" in prompt:
+        mm_types = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)  # (B, L)
+        extra["mm_token_type_ids"] = mm_types[keep].unsqueeze(0)  # (1, N)
+    rope = next(m for m in model.modules() if hasattr(m, "get_rope_index"))
+    mrope, _ = rope.get_rope_index(input_ids, mm_token_type_ids=mm_types, attention_mask=attention_mask,
+                                   image_grid_thw=prompt.get("image_grid_thw"))  # (3, B, L) as the plain path's  # fmt: skip
+    positions = torch.cat([text_positions.unsqueeze(0), mrope], dim=0)[:, keep].unsqueeze(1)  # (4, 1, N)
+    # use_cache=False: with a cache transformers would not look for packed rows and let them attend to each other
+    out = model(input_ids=input_ids[keep].unsqueeze(0), attention_mask=None, position_ids=positions, use_cache=False,
+                logits_to_keep=1, output_hidden_states=True, **extra)  # fmt: skip
+    packed = out.hidden_states[-1][0]  # (N, H) after the final norm
+    index = (keep.view(-1).cumsum(0) - 1).view(B, -1)[:, -(T + 1) :]  # (B, T + 1) packed position of each column
+    states = packed[index]  # (B, T + 1, H)
+    return states if hidden else getattr(model, "module", model).get_output_embeddings()(states)  # (B, T + 1, V)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Padding: rows sorted by length within their groups, and every slice cut to its own longest prompt and completion.
 
 

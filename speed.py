@@ -32,6 +32,9 @@ tests; in bf16 on a GPU the shared and repeated prefills round differently, so t
                    a CUDA graph (the first step of each new shape pays the compile; the untimed step takes it)
     chunked_logps  per_token_logps(chunk_tokens=1024) (train.py --logps-chunk 1024): the output layer and log-softmax
                    run on 1,024 positions at a time, checkpointed, so the (rows, T, vocab) fp32 logits never exist
+    packed         static_cache with per_token_logps(forward=grpo_fast.packed_logits) (train.py --pack) in scoring
+                   instead of the shared prompt: each micro-batch's rows run as one sequence without padding or
+                   post-EOS tokens, under a block-diagonal causal mask (dense with SDPA; varlen with flash-attention)
 
 Measuring choices: the reference pass runs the policy's own weights (same architecture, same cost, no second copy in
 memory); the optimizer's learning rate is 0, so every variant and every repeat sees the same weights and draws the same
@@ -77,9 +80,9 @@ class Args:
     micro_batch_size: int | None = arg(None, "rows per scoring / update forward (default: 4 tiny, 2 otherwise)")
     image_size: int | None = arg(None, "images are resized to this square side in pixels (default: 128 tiny, 1024 "
                                        "otherwise; 1024 gives Qwen2.5-VL 1,369 image tokens)")  # fmt: skip
-    variant: Literal["plain", "shared_rollout", "shared_logps", "sorted_trim", "static_cache", "chunked_logps"] = arg(
-        "sorted_trim", "which path to measure without --compare (see the module docstring)"
-    )
+    variant: Literal[
+        "plain", "shared_rollout", "shared_logps", "sorted_trim", "static_cache", "chunked_logps", "packed"
+    ] = arg("sorted_trim", "which path to measure without --compare (see the module docstring)")
     compare: bool = arg(False, "measure every variant in one run and print each table and a summary")
     steps: int = arg(3, "timed steps per variant (after one untimed warm-up step); each phase shows its fastest")
     threads: int = arg(1, "CPU threads for torch (tiny models only lose time to more; ignored on a GPU)")
@@ -306,6 +309,7 @@ class Variant:
     sort_rows: bool
     static_cache: bool = False
     logps_chunk: int = 0
+    pack: bool = False
 
 
 LOGPS_CHUNK = 1024  # tokens per chunk of the chunked_logps variant: (1024, 152k) fp32 logits are 0.6 GB at 7B
@@ -319,6 +323,7 @@ VARIANTS = {
         Variant("sorted_trim", True, True, True),
         Variant("static_cache", True, True, True, static_cache=True),
         Variant("chunked_logps", True, True, True, static_cache=True, logps_chunk=LOGPS_CHUNK),
+        Variant("packed", True, False, True, static_cache=True, pack=True),
     )
 }
 
@@ -332,6 +337,7 @@ def train_args(args: Args, variant: Variant) -> train.Args:
         share_prompt=variant.share_logps,
         static_cache=variant.static_cache,
         logps_chunk=variant.logps_chunk,
+        pack=variant.pack,
     )
 
 

@@ -149,6 +149,9 @@ class Args:
                                    "sampling and scoring (grpo.py; same numbers, 2-3x faster on CPU)")  # fmt: skip
     static_cache: bool = arg(False, "decode into a preallocated KV cache (grpo.sample_group): fixed shapes, so on a "
                                     "GPU transformers compiles the decode step into a CUDA graph; same samples")  # fmt: skip
+    pack: bool = arg(False, "score each micro-batch as ONE sequence of its rows' real tokens, no padding, under a "
+                            "block-diagonal causal mask (grpo_fast.packed_logits); replaces --share-prompt in "
+                            "scoring (the rollout still shares prompts); same numbers")  # fmt: skip
     logps_chunk: int = arg(0, "score log-probs this many tokens at a time from the hidden states, never holding the "
                               "(rows, T, vocab) logits (grpo.per_token_logps); 0 = all at once")  # fmt: skip
     gather_for_generation: bool = arg(True, "ZeRO-3: gather full weights once for generation (fast); "
@@ -439,7 +442,10 @@ def informative_groups(first: tuple, examples: list, roll, more, args: Args, loc
 def scoring_forward(args: Args):
     """The forward of every scoring pass (old, reference, current): one for all three, because the ratio and the KL
     must compare computations that are identical when the weights are (the shared-prompt and full paths differ by
-    rounding, up to 0.12 nats in bf16 at 7B). Gradient checkpointing drops the KV cache, so it forces the full path."""
+    rounding, up to 0.12 nats in bf16 at 7B). Gradient checkpointing drops the KV cache, so it forces the full path
+    (or the packed one, which needs no cache)."""
+    if args.pack:
+        return grpo_fast.packed_logits
     shared = args.share_prompt and not args.gradient_checkpointing
     return grpo_fast.shared_prompt_logits if shared else grpo.full_sequence_logits
 

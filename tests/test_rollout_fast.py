@@ -9,6 +9,7 @@ have the published parameter counts, the FLOP counter sees each prompt run once,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -206,6 +207,37 @@ def test_chunked_logps_equal_the_plain_path_with_one_chunk_of_logits_at_a_time(t
     assert max(plain_rows) >= B * (T + 1) - B  # the plain path's head sees every row's T + 1 positions at once
     # the chunked head: one position per row in the forward, then 7 positions at a time, twice (forward, backward)
     assert max(chunked_rows) <= max(7, B) and sum(r for r in chunked_rows if r <= 7) >= 2 * B * T
+
+
+def test_packed_rows_give_the_plain_paths_logps_and_gradients_in_one_unpadded_sequence(tiny_policy, make_image):
+    model, processor = tiny_policy
+    batch = _sample(model, processor, _prompts(processor, make_image), 3, share_prompt=False)
+    B, T = batch.completion_ids.shape
+    lengths = torch.arange(B) % T + 1  # (B,) completions that end at different places (EOS at length - 1)
+    mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).long()  # (B, T)
+    batch = dataclasses.replace(batch, completion_mask=mask)
+    weights = torch.randn(B, T, generator=torch.Generator().manual_seed(0))  # (B, T)
+    shapes = []  # (rows, length) of every language-model forward
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
+    model.train()
+    results = []
+    for fwd in (grpo.full_sequence_logits, grpo_fast.packed_logits):
+        model.zero_grad()
+        logps, entropy = grpo.per_token_logps(model, batch, return_entropy=True, forward=fwd)
+        (logps * weights * mask).sum().backward()
+        results.append((logps.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None}))  # fmt: skip
+    hook.remove()
+    (plain, plain_entropy, plain_grads), (packed, packed_entropy, packed_grads) = results
+    assert _masked_max_diff(plain, packed, mask) < TOL
+    assert _masked_max_diff(plain_entropy, packed_entropy, mask) < TOL
+    assert plain_grads.keys() == packed_grads.keys()
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    real = int(batch.prompt["attention_mask"].sum() + mask.sum())
+    assert shapes == [(B, batch.prompt["input_ids"].shape[1] + T), (1, real)]  # one row, no padding, no post-EOS
 
 
 def test_prompt_groups_compare_tokens_and_pixels():

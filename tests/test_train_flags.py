@@ -220,13 +220,14 @@ def test_gradient_checkpointing_scores_every_pass_on_one_path_with_the_same_grad
 # --------------------------------------------------------------------------------------------- memory and precision
 
 
-def test_static_cache_and_chunked_logps_take_the_plain_step(plain_run, tiny_qwen25, tmp_path):
+def test_static_cache_packing_and_chunked_logps_take_the_plain_step(plain_run, tiny_qwen25, tmp_path):
     plain_out, [plain_record], plain_evts = plain_run
     out = tmp_path / "fast"
     [record], evts = probe(tiny_qwen25, out, "--max-steps", "1", "--samples-every", "1", "--static-cache",
-                           "--logps-chunk", "5")  # fmt: skip
-    assert {e["chunk_tokens"] for e in of(evts, "logps")} == {5}  # every scoring pass is chunked
-    # the same samples and rewards (static cache), the same log-probs, loss and gradient (chunked scoring)
+                           "--logps-chunk", "5", "--pack")  # fmt: skip
+    # every scoring pass is packed and chunked
+    assert {(e["forward"], e["chunk_tokens"]) for e in of(evts, "logps")} == {("packed_logits", 5)}
+    # the same samples and rewards (static cache), the same log-probs, loss and gradient (packed, chunked scoring)
     assert (out / "samples.jsonl").read_text() == (plain_out / "samples.jsonl").read_text()
     assert of(evts, "advantages")[0]["rewards"] == of(plain_evts, "advantages")[0]["rewards"]
     assert record["entropy"] == pytest.approx(plain_record["entropy"], rel=1e-5)
