@@ -4,8 +4,9 @@ The G rows of a group repeat one prompt, and the prompt is long (Qwen2.5-VL: ~1,
 image, plus ~250 of text) while a completion is short. `shared_prompt_inputs` (sampling, as `grpo.sample_group`'s
 `prefill`) and `shared_prompt_logits` (scoring, as `grpo.per_token_logps`'s `forward`) run each distinct prompt once
 and let its rows continue from copies of its KV cache: the same attention inputs at every completion token, for a
-fraction of the compute. `rows_by_length` and `trim_padding` keep micro-batches from paying for padding.
-Each gives the same samples, log-probs and gradients as the plain path (tests/test_rollout_fast.py); bench.py
+fraction of the compute. `rows_by_length` and `trim_padding` keep micro-batches from paying for padding, and
+`packed_logits` (scoring) runs a micro-batch's rows as one sequence with no padding at all.
+Each gives the same samples, log-probs and gradients as the plain path (tests/test_rollout_fast.py); speed.py
 measures what they save. Shapes as in grpo.py.
 """
 
