@@ -141,6 +141,9 @@ class Args:
     micro_batch_size: int = arg(32, "sequences per forward/backward in train.py")
     dynamic_sampling: int = arg(0, "train.py --dynamic-sampling K: replace groups with no reward spread by fresh "
                                    "prompts, up to K rollouts per step (DAPO); 0 = off")  # fmt: skip
+    clip_eps_high: float = arg(0.2, "train.py --clip-eps-high: the ratio's upper clip 1 + eps (DAPO's clip-higher "
+                                    "uses 0.28 against entropy collapse)")  # fmt: skip
+    temperature: float = arg(1.0, "train.py --temperature: GRPO's rollout (and scoring) temperature")
     eval_every: int = arg(10, "train.py's held-out evaluation every k steps (plotted next to the training reward)")
     # evaluation (evaluate.py)
     turns: str = arg("single,multi", "chain turns to evaluate (single,multi: the paper's §4.2 ablation)")
@@ -271,7 +274,8 @@ def _grpo(args: Args, seed: int, root: Path, folder: Path, start: Path, settings
     """train.py from the policy in `start`: the decomposition agent (agent=[]) or the thinker (--agent think)."""
     settings = {**settings, "lr": args.grpo_lr, "beta": args.beta, "prompts": args.prompts_per_step,
                 "G": args.group_size, "micro_batch_size": args.micro_batch_size, "eval_every": args.eval_every,
-                "dynamic_sampling": args.dynamic_sampling}  # fmt: skip
+                "dynamic_sampling": args.dynamic_sampling, "clip_eps_high": args.clip_eps_high,
+                "temperature": args.temperature}  # fmt: skip
     if stage_done(folder, settings) and (folder / "policy").is_dir():
         return settings
     resume = stage_done(folder, settings) and (folder / "checkpoints" / "latest").is_file()
@@ -287,7 +291,8 @@ def _grpo(args: Args, seed: int, root: Path, folder: Path, start: Path, settings
                       "--group-size", str(args.group_size), "--max-new-tokens", str(max_new_tokens),
                       "--micro-batch-size", str(args.micro_batch_size), "--eval-every", str(args.eval_every),
                       "--save-every", str(save_every), "--keep-checkpoints", "1", "--seed", str(seed),
-                      "--dynamic-sampling", str(args.dynamic_sampling), *(["--resume"] if resume else [])],
+                      "--dynamic-sampling", str(args.dynamic_sampling), "--clip-eps-high", str(args.clip_eps_high),
+                      "--temperature", str(args.temperature), *(["--resume"] if resume else [])],
                root / log)  # fmt: skip
     return settings
 

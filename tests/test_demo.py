@@ -24,7 +24,7 @@ REDUCED = [
     "--warmup-batch-size", "4", "--warmup-examples", "16", "--grpo-steps", str(GRPO_STEPS), "--prompts-per-step", "2",
     "--group-size", "4", "--max-new-tokens", "16", "--micro-batch-size", "8", "--eval-every", "2",
     "--agent-max-new-tokens", "16", "--thinker-warmup-steps", "4", "--thinker-grpo-steps", str(GRPO_STEPS),
-    "--thinker-max-new-tokens", "16", "--max-turns", "2",
+    "--thinker-max-new-tokens", "16", "--max-turns", "2", "--clip-eps-high", "0.28",
 ]  # fmt: skip
 METHODS = ["original", "chain", "chain/multi", "chain-rl", "chain-rl/multi"]
 THINK_FOLDERS = {"eval_think": "", "eval_think_untrained": "/untrained"}  # folder -> suffix of its rows in results
@@ -77,6 +77,7 @@ def test_reduced_demo_writes_every_artefact(reduced_demo):
     grpo_args = json.loads((seed_dir / "grpo/args.json").read_text())
     assert Path(grpo_args["model"]).resolve() == (REPO / "miniature/base_model").resolve()
     assert Path(grpo_args["prompts"]).name == "prompts.json"
+    assert grpo_args["clip_eps_high"] == 0.28 and grpo_args["temperature"] == 1.0  # the demo's GRPO knobs reach it
     assert not (seed_dir / "warm").exists()
     # the held-out test scenes are not training scenes: the splits come from different generator seeds
     ids = {split: {json.loads(x)["id"] for x in (seed_dir / f"data/{split}.jsonl").read_text().splitlines()}
