@@ -140,15 +140,22 @@ def load_processor(name_or_path: str) -> transformers.ProcessorMixin:
 
 
 def load_policy(
-    name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
     """Load a Qwen2.5-VL / Qwen3-VL policy and its processor from a hub id, a local folder or a saved checkpoint.
 
     dtype None keeps the dtype stored in the checkpoint; the model comes back in eval mode (no dropout) and callers
-    switch to train() themselves.
+    switch to train() themselves. attn_implementation None is transformers' default (SDPA); "flash_attention_2"
+    needs the flash-attn package and a GPU.
     """
     load_config(name_or_path)  # fails early with PolicyNotFoundError before any weights are touched
     kwargs = {} if dtype is None else {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
     if device is not None:
         model = model.to(device)

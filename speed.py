@@ -93,6 +93,8 @@ class Args:
     json: str | None = arg(None, "write the results here as JSON")
     rewards: bool = arg(False, "instead: time the reward parsers on long adversarial completions and exit")
     seed: int = arg(0, "seed of the prompts, the warm-up and the sampling")
+    attn_implementation: str | None = arg(None, "attention kernel (train.py's flag): sdpa by default; "
+                                                "flash_attention_2 on a GPU is what --pack's varlen case needs")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------- models
@@ -165,14 +167,21 @@ def load_model(args: Args, device: torch.device, dtype: torch.dtype):
         tokenizer = tiny.build_tokenizer()
         torch.manual_seed(args.seed)
         with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(full_size_config(name, tokenizer), dtype=dtype)
+            config = full_size_config(name, tokenizer)
+            model = Qwen2_5_VLForConditionalGeneration._from_config(
+                config, dtype=dtype, attn_implementation=args.attn_implementation
+            )
         return model.eval(), full_size_processor(tokenizer), f"{name} (random weights)"
     if name == "tiny":
         with tempfile.TemporaryDirectory(prefix="speed_tiny_") as tmp:  # saved and loaded like a real checkpoint
             folder = tiny.save_tiny_policy(tmp, "qwen2_5_vl", seed=args.seed)
-            model, processor = policy.load_policy(str(folder), dtype=dtype, device=str(device))
+            model, processor = policy.load_policy(
+                str(folder), dtype=dtype, device=str(device), attn_implementation=args.attn_implementation
+            )
         return model, processor, "tiny qwen2_5_vl"
-    model, processor = policy.load_policy(name, dtype=dtype, device=str(device))
+    model, processor = policy.load_policy(
+        name, dtype=dtype, device=str(device), attn_implementation=args.attn_implementation
+    )
     return model, processor, name
 
 

@@ -152,6 +152,9 @@ class Args:
     pack: bool = arg(False, "score each micro-batch as ONE sequence of its rows' real tokens, no padding, under a "
                             "block-diagonal causal mask (grpo_fast.packed_logits); replaces --share-prompt in "
                             "scoring (the rollout still shares prompts); same numbers")  # fmt: skip
+    attn_implementation: str | None = arg(None, "attention kernel of the policy and reference: sdpa (transformers' "
+                                                "default), eager, flex_attention, or flash_attention_2 (flash-attn, "
+                                                "GPU; with --pack, varlen attention instead of a dense mask)")  # fmt: skip
     logps_chunk: int = arg(0, "score log-probs this many tokens at a time from the hidden states, never holding the "
                               "(rows, T, vocab) logits (grpo.per_token_logps); 0 = all at once")  # fmt: skip
     gather_for_generation: bool = arg(True, "ZeRO-3: gather full weights once for generation (fast); "
@@ -274,7 +277,7 @@ def build_engines(args: Args, world: int, grad_accum: int, bf16: bool, device):
         build_engines.hf_ds_config = HfDeepSpeedConfig(ds_config)  # must stay alive: from_pretrained reads it
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(args.seed)
-    model, processor = policy.load_policy(args.model, dtype=dtype)
+    model, processor = policy.load_policy(args.model, dtype=dtype, attn_implementation=args.attn_implementation)
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
     if args.lora_rank:  # everything frozen but the adapters
@@ -295,7 +298,9 @@ def build_engines(args: Args, world: int, grad_accum: int, bf16: bool, device):
     engine.train()
     ref_model = None
     if args.beta != 0.0 and not (args.lora_rank and args.ref_model is None):  # LoRA's reference: adapters off
-        ref, _ = policy.load_policy(args.ref_model or args.model, dtype=dtype)
+        ref, _ = policy.load_policy(
+            args.ref_model or args.model, dtype=dtype, attn_implementation=args.attn_implementation
+        )
         ref.requires_grad_(False)
         if args.zero_stage == 3:
             ref_model, *_ = deepspeed.initialize(model=ref, config=reference_config(ds_config))

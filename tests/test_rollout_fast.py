@@ -29,6 +29,11 @@ def tiny_policy(request, tiny_models):
     return policy.load_policy(str(tiny_models[request.param]))
 
 
+@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl"])
+def arch(request):
+    return request.param
+
+
 def _prompts(processor, make_image):
     """Three prompts with different image sizes and request lengths: a left-padded batch, two image-token counts."""
     images = [make_image((64, 64), seed=1), make_image((96, 64), seed=2), make_image((64, 64), seed=3)]
@@ -209,8 +214,13 @@ def test_chunked_logps_equal_the_plain_path_with_one_chunk_of_logits_at_a_time(t
     assert max(chunked_rows) <= max(7, B) and sum(r for r in chunked_rows if r <= 7) >= 2 * B * T
 
 
-def test_packed_rows_give_the_plain_paths_logps_and_gradients_in_one_unpadded_sequence(tiny_policy, make_image):
-    model, processor = tiny_policy
+@pytest.mark.parametrize("attn", [None, "eager"])
+def test_packed_rows_give_the_plain_paths_logps_and_gradients_in_one_unpadded_sequence(
+    tiny_models, make_image, arch, attn
+):
+    # train.py --attn-implementation reaches the model; the packed mask is right under SDPA's and eager's kernels
+    model, processor = policy.load_policy(str(tiny_models[arch]), attn_implementation=attn)
+    assert model.config._attn_implementation == (attn or "sdpa")
     batch = _sample(model, processor, _prompts(processor, make_image), 3, share_prompt=False)
     B, T = batch.completion_ids.shape
     lengths = torch.arange(B) % T + 1  # (B,) completions that end at different places (EOS at length - 1)
