@@ -232,11 +232,11 @@ def per_token_logps(
         return _logps_and_entropy(logits, batch.completion_ids, temperature, batch.suppress_token_ids, return_entropy)
     hidden = forward(model, batch, hidden=True)[:, :-1, :]  # (B, T, H)
     B, T, H = hidden.shape
+    flat_hidden, flat_ids = hidden.reshape(B * T, H), batch.completion_ids.reshape(B * T)  # (B*T, H), (B*T,)
     head = output_layer(model)
     pieces = []
     for start in range(0, B * T, chunk_tokens):
-        h = hidden.reshape(B * T, H)[start : start + chunk_tokens]  # (c, H)
-        ids = batch.completion_ids.reshape(B * T)[start : start + chunk_tokens]  # (c,)
+        h, ids = flat_hidden[start : start + chunk_tokens], flat_ids[start : start + chunk_tokens]  # (c, H), (c,)
 
         def chunk(h, ids=ids):
             return _logps_and_entropy(head(h), ids, temperature, batch.suppress_token_ids, True)  # (c,), (c,)
@@ -268,20 +268,27 @@ def output_layer(model):
     return getattr(model, "module", model).get_output_embeddings()
 
 
+def full_sequence_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Prompt + completion as one sequence: input_ids (B, P + T), attention_mask (B, P + T), and the other model
+    inputs (pixel_values, image_grid_thw, and mm_token_type_ids (B, P + T) extended with zeros over the completion)."""
+    prompt, completion = batch.prompt, batch.completion_ids
+    input_ids = torch.cat([prompt["input_ids"], completion], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([prompt["attention_mask"], torch.ones_like(completion)], dim=1)  # (B, P + T)
+    extra = {k: v for k, v in prompt.items() if k not in SEQUENCE_KEYS}
+    if "mm_token_type_ids" in prompt:
+        zeros = torch.zeros_like(completion)  # (B, T) completion tokens are text
+        extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], zeros], dim=1)  # (B, P + T)
+    return input_ids, attention_mask, extra
+
+
 def full_sequence_logits(model, batch: Batch, *, hidden: bool = False) -> torch.Tensor:
     """Logits (B, T + 1, V) at the last prompt token and the completion, from one pass over prompt + completion.
 
     With `hidden`, the final (normed) hidden states (B, T + 1, H) at those positions instead: the output layer then
     runs on one position only, and the caller applies it in chunks (`per_token_logps(chunk_tokens=...)`).
     """
-    prompt = batch.prompt
     T = batch.completion_ids.shape[1]
-    input_ids = torch.cat([prompt["input_ids"], batch.completion_ids], dim=1)  # (B, P + T)
-    attention_mask = torch.cat([prompt["attention_mask"], torch.ones_like(batch.completion_ids)], dim=1)  # (B, P+T)
-    extra = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    if "mm_token_type_ids" in prompt:
-        zeros = torch.zeros_like(batch.completion_ids)  # (B, T) completion tokens are text
-        extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], zeros], dim=1)  # (B, P + T)
+    input_ids, attention_mask, extra = full_sequence_inputs(batch)
     if hidden:
         out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True,
                     **extra)  # fmt: skip
@@ -367,8 +374,8 @@ def sample_group(
     With `return_sampling_logps`, the log-probs that generation itself used are attached as `old_per_token_logps`
     (tests compare them with `per_token_logps`; training recomputes them in the training precision).
     `suppress_token_ids` can never be sampled (their logits are -inf); pass the same ids to `per_token_logps`.
-    `prefill(model, prompts, group_size, repeated, static_len)`, if given, returns the inputs generate starts from instead of
-    the B repeated prompts: `grpo_fast.shared_prompt_inputs` runs each prompt once and lets its G rows continue from
+    `prefill(model, prompts, group_size, repeated, static_len)`, if given, returns the inputs generate starts from
+    instead of the B repeated prompts: `grpo_fast.shared_prompt_inputs` runs each prompt once and lets its G rows continue from
     copies of its KV cache (the same samples under a fixed seed, about G times less prompt compute).
     `static_cache` decodes into a KV cache preallocated to its final length (transformers' StaticCache; the prefill
     gets `static_len` and returns one). Every decode step then has the same shapes and addresses, so on a GPU
@@ -383,8 +390,8 @@ def sample_group(
     tokenizer = getattr(processor, "tokenizer", processor)
     repeated = repeat_prompts(prompts, group_size)  # input_ids (B, P)
     # P + T cache slots, rounded up so that steps with other prompt lengths reuse the compiled decode step
-    static_len = -(-(repeated["input_ids"].shape[1] + max_new_tokens) // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-    static_len = static_len if static_cache else 0
+    slots = repeated["input_ids"].shape[1] + max_new_tokens
+    static_len = -(-slots // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET if static_cache else 0
     inputs = prefill(model, prompts, group_size, repeated, static_len=static_len) if prefill else repeated
     fields = dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
                   eos_token_id=eos_token_ids, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,

@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 from transformers import StaticCache
 
-from grpo import SEQUENCE_KEYS, Batch, patch_offsets, select_rows
+from grpo import SEQUENCE_KEYS, Batch, full_sequence_inputs, output_layer, patch_offsets, select_rows
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shared prompts. The G rows of a group repeat one prompt, and the prompt is long (Qwen2.5-VL: ~1,300 image tokens for
@@ -140,15 +140,12 @@ def packed_logits(model, batch: Batch, *, hidden: bool = False) -> torch.Tensor:
     `hidden`, the final hidden states (B, T + 1, H) instead."""
     prompt, completion = batch.prompt, batch.completion_ids
     B, T = completion.shape
-    input_ids = torch.cat([prompt["input_ids"], completion], dim=1)  # (B, L), L = P + T
-    attention_mask = torch.cat([prompt["attention_mask"], torch.ones_like(completion)], dim=1)  # (B, L)
+    input_ids, attention_mask, extra = full_sequence_inputs(batch)  # (B, L), (B, L), L = P + T
     scored = torch.ones_like(completion) if batch.completion_mask is None else batch.completion_mask  # (B, T)
     keep = torch.cat([prompt["attention_mask"], scored], dim=1).bool()  # (B, L) the tokens that are run
     text_positions = attention_mask.cumsum(-1) - 1  # (B, L) each row's own 1-D positions, from 0
-    mm_types = torch.zeros_like(input_ids)  # (B, L) completion tokens are text
-    extra = {k: v for k, v in prompt.items() if k not in SEQUENCE_KEYS}  # pixel_values, image_grid_thw
-    if "mm_token_type_ids" in prompt:
-        mm_types = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)  # (B, L)
+    mm_types = extra.get("mm_token_type_ids", torch.zeros_like(input_ids))  # (B, L)
+    if "mm_token_type_ids" in extra:
         extra["mm_token_type_ids"] = mm_types[keep].unsqueeze(0)  # (1, N)
     rope = next(m for m in model.modules() if hasattr(m, "get_rope_index"))
     mrope, _ = rope.get_rope_index(input_ids, mm_token_type_ids=mm_types, attention_mask=attention_mask,
@@ -160,7 +157,7 @@ def packed_logits(model, batch: Batch, *, hidden: bool = False) -> torch.Tensor:
     packed = out.hidden_states[-1][0]  # (N, H) after the final norm
     index = (keep.view(-1).cumsum(0) - 1).view(B, -1)[:, -(T + 1) :]  # (B, T + 1) packed position of each column
     states = packed[index]  # (B, T + 1, H)
-    return states if hidden else getattr(model, "module", model).get_output_embeddings()(states)  # (B, T + 1, V)
+    return states if hidden else output_layer(model)(states)  # (B, T + 1, V)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

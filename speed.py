@@ -167,9 +167,8 @@ def load_model(args: Args, device: torch.device, dtype: torch.dtype):
         tokenizer = tiny.build_tokenizer()
         torch.manual_seed(args.seed)
         with torch.device(device):
-            config = full_size_config(name, tokenizer)
             model = Qwen2_5_VLForConditionalGeneration._from_config(
-                config, dtype=dtype, attn_implementation=args.attn_implementation
+                full_size_config(name, tokenizer), dtype=dtype, attn_implementation=args.attn_implementation
             )
         return model.eval(), full_size_processor(tokenizer), f"{name} (random weights)"
     if name == "tiny":
