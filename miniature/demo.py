@@ -28,6 +28,10 @@ EditThinker (the second paper; `--no-thinker` skips it), per seed:
     8. evaluate  OUT/seed{S}/eval_think and eval_think_untrained: `evaluate.py` rows `think` (the loop on the raw
                  request) and `chain-rl+think` (the loop seeded by the RL chain's plan), with the GRPO-trained
                  thinker and with the warm-up-only one as the local critic
+Stages 4-6 and 7's warm-up and GRPO need nothing of each other, so they run as two lanes side by side (`--jobs 2`:
+each script is single-threaded, so the two lanes use both cores of the 2-core box), and the two think evaluations
+after them run side by side too; each script logs to its own file in OUT/seed{S}/, and the terminal shows every line
+prefixed with that file's name.
 Then OUT/results.md and OUT/results.csv gather every seed: each row's mean ± sample standard deviation (n-1) over
 seeds, the per-seed totals, and the paired gaps (chain with RL minus each baseline, seed by seed).
 
@@ -69,7 +73,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,6 +156,8 @@ class Args:
     turns: str = arg("single,multi", "chain turns to evaluate (single,multi: the paper's §4.2 ablation)")
     agent_max_new_tokens: int = arg(96, "longest agent answer at evaluation (decomposition or plan)")
     threads: int = arg(1, "OMP threads per subprocess (tiny models lose time to threading)")
+    jobs: int = arg(2, "stage lanes run side by side: the decomposer's GRPO and evaluation beside the thinker's "
+                       "warm-up and GRPO, then the two think evaluations (2 for the 2-core box; 1: one at a time)")  # fmt: skip
     # EditThinker (warmup.py --agent think, train.py --agent think, evaluate.py think rows)
     thinker: bool = arg(True, "also warm up and GRPO-train EditThinker's critic-refiner and evaluate the think rows")
     thinker_warmup_steps: int = arg(300, "thinker warm-up steps (after 300 the greedy critique always parses)")
@@ -161,7 +170,13 @@ class Args:
 # Stages: skip what is done with the same settings, redo what is not
 
 
-_WORK = [0]  # stages that did work (a fresh folder or a script run) in this process; see run_seed's timings
+# per lane (thread): stages that did work (a fresh folder or a script run), for run_seed's timings
+_WORK = threading.local()
+_LIVE: set[subprocess.Popen] = set()  # scripts running now, in any lane: stopped when another lane fails
+
+
+def _count_work() -> None:
+    _WORK.n = getattr(_WORK, "n", 0) + 1
 
 
 def stage_done(folder: Path, settings: dict) -> bool:
@@ -175,29 +190,62 @@ def mark_done(folder: Path, settings: dict) -> None:
 
 def fresh(folder: Path) -> None:
     """Empty a stage folder whose settings changed (its old outputs must not be mixed with new ones)."""
-    _WORK[0] += 1
+    _count_work()
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
 
 
 def run_script(args: Args, cmd: list[str], log: Path) -> None:
-    """Run one of the project's scripts as a user would; its output goes to the terminal and to `log`."""
+    """Run one of the project's scripts as a user would; its output goes to `log` and to the terminal, each line
+    prefixed with the log's name when lanes run side by side (`--jobs`)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}  # fmt: skip
-    _WORK[0] += 1
+    _count_work()
     line = " ".join([Path(sys.executable).name, *cmd])
-    print(f"$ {line}", flush=True)
+    tag = f"[{log.stem}] " if args.jobs > 1 else ""
+    print(f"{tag}$ {line}", flush=True)
     with log.open("a") as f:
         f.write(f"$ {line}\n")
         f.flush()
         proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
-        for text in proc.stdout:
-            sys.stdout.write(text)
-            f.write(text)
-        if proc.wait() != 0:
-            raise SystemExit(f"demo: `{line}` failed with exit code {proc.returncode}; its output is in {log}")
+        _LIVE.add(proc)
+        try:
+            for text in proc.stdout:  # universal newlines: a progress bar's \r updates arrive as lines
+                sys.stdout.write(tag + text)
+                f.write(text)
+            code = proc.wait()
+        finally:
+            _LIVE.discard(proc)
+        if code != 0:
+            raise SystemExit(f"demo: `{line}` failed with exit code {code}; its output is in {log}")
+
+
+def run_lanes(args: Args, lanes: list[Callable[[], object]]) -> list:
+    """Run independent chains of stages side by side, `args.jobs` at a time (each script is single-threaded, so two
+    lanes use both cores of the 2-core box), and return their results in order. When one lane fails, the scripts of
+    the others are stopped (every stage resumes: GRPO from its checkpoint, an evaluation from its records) and its
+    error is raised."""
+    if args.jobs == 1:
+        return [lane() for lane in lanes]
+
+    def counted(lane: Callable[[], object]) -> tuple[object, int]:  # a lane's result and the work its thread did
+        _WORK.n = 0
+        return lane(), _WORK.n
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(counted, lane) for lane in lanes]
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f in finished and f.exception() is not None]
+        if failed:  # stop the others' scripts (they fail in turn), then raise the failure that came first
+            for proc in list(_LIVE):
+                proc.terminate()
+            wait(futures)
+            raise failed[0].exception()
+        done = [f.result() for f in futures]
+    _WORK.n = getattr(_WORK, "n", 0) + sum(n for _, n in done)  # the caller's stage did that work
+    return [result for result, _ in done]
 
 
 def make_data(args: Args, seed: int, folder: Path) -> dict:
@@ -317,13 +365,14 @@ def evaluated(folder: Path, settings: dict) -> bool:
 
 
 def evaluate_thinkers(args: Args, seed: int, root: Path, upstream: dict) -> dict:
-    """The think rows twice: with the GRPO-trained thinker and with the warm-up-only one (same seeds, same chain)."""
+    """The think rows twice, side by side: with the GRPO-trained thinker and with the warm-up-only one (same seeds,
+    same chain); each folder logs to its own evaluate_<folder>.log."""
     settings = {**upstream, "max_turns": args.max_turns, "agent_max_new_tokens": args.agent_max_new_tokens}
     agent, prompts = base_agent(args, root)
-    for folder, critic in ((root / "eval_think", root / "think_grpo/policy"),
-                           (root / "eval_think_untrained", root / "think_warm")):  # fmt: skip
+
+    def evaluate_with(folder: Path, critic: Path) -> None:
         if evaluated(folder, settings):
-            continue
+            return
         if not stage_done(folder, settings):
             fresh(folder)
             mark_done(folder, settings)
@@ -333,7 +382,10 @@ def evaluate_thinkers(args: Args, seed: int, root: Path, upstream: dict) -> dict
                           "--agent-model", str(agent), *prompts, "--decomposer", str(root / "grpo/policy"),
                           "--critic", f"local:{critic}", "--max-turns", str(args.max_turns),
                           "--max-new-tokens", str(args.agent_max_new_tokens), "--out", str(folder),
-                          "--no-progress"], root / "evaluate_think.log")  # fmt: skip
+                          "--no-progress"], root / f"evaluate_{folder.name}.log")  # fmt: skip
+
+    run_lanes(args, [lambda: evaluate_with(root / "eval_think", root / "think_grpo/policy"),
+                     lambda: evaluate_with(root / "eval_think_untrained", root / "think_warm")])  # fmt: skip
     return settings
 
 
@@ -626,10 +678,10 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() and not args.force else {}
 
     def timed(name: str, fn, *a):
-        start, work = time.perf_counter(), _WORK[0]
+        start, work = time.perf_counter(), getattr(_WORK, "n", 0)
         print(f"\n==== seed {seed}: {name}", flush=True)
         result = fn(*a)
-        if _WORK[0] != work or name not in timings:
+        if getattr(_WORK, "n", 0) != work or name not in timings:
             timings[name] = time.perf_counter() - start
         return result
 
@@ -637,6 +689,7 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
         for name in ("data", "tiny", "warm", "grpo", "eval", "think_warm", "think_grpo", "eval_think",
                      "eval_think_untrained"):  # fmt: skip
             shutil.rmtree(root / name, ignore_errors=True)
+    seed_start, seed_work = time.perf_counter(), getattr(_WORK, "n", 0)
     data_settings = timed("data", make_data, args, seed, root / "data")
     # the random tiny policy is the start of the warm-up (--base none) and of the thinker
     needs_tiny = args.base == "none" or args.thinker
@@ -646,16 +699,24 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
                                                                                "policy": policy_settings})}  # fmt: skip
     else:
         agent_settings = {"data": data_settings, "base": timed("base", use_base, args)}
-    grpo_settings = timed("GRPO", train_grpo, args, seed, root, agent_settings)
-    timed("evaluate", evaluate_methods, args, seed, root, {"grpo": grpo_settings})
-    metrics = read_metrics(root / "grpo" / "metrics.jsonl")
-    timed("plot", plot_rewards, metrics, root / "reward_curves.png", f"GRPO reward components, seed {seed}")
-    scores, training = read_scores(root / "eval"), training_summary(metrics)
-    if args.thinker:
+
+    def decomposer_lane() -> dict:
+        grpo_settings = timed("GRPO", train_grpo, args, seed, root, agent_settings)
+        timed("evaluate", evaluate_methods, args, seed, root, {"grpo": grpo_settings})
+        metrics = read_metrics(root / "grpo" / "metrics.jsonl")
+        timed("plot", plot_rewards, metrics, root / "reward_curves.png", f"GRPO reward components, seed {seed}")
+        return grpo_settings
+
+    def thinker_lane() -> dict:  # needs only the data and the random tiny policy
         up = {"data": data_settings, "policy": policy_settings}
         think_warm = timed("thinker warm-up", warm_up_thinker, args, seed, root, up)
-        think_grpo = timed("thinker GRPO", train_thinker, args, seed, root, {"think_warm": think_warm})
-        up = {"think_grpo": think_grpo, "grpo": grpo_settings}
+        return timed("thinker GRPO", train_thinker, args, seed, root, {"think_warm": think_warm})
+
+    grpo_settings, *think_grpo = run_lanes(args, [decomposer_lane, *([thinker_lane] if args.thinker else [])])
+    metrics = read_metrics(root / "grpo" / "metrics.jsonl")
+    scores, training = read_scores(root / "eval"), training_summary(metrics)
+    if args.thinker:
+        up = {"think_grpo": think_grpo[0], "grpo": grpo_settings}
         timed("evaluate thinkers", evaluate_thinkers, args, seed, root, up)
         think_metrics = read_metrics(root / "think_grpo" / "metrics.jsonl")
         plot_rewards(think_metrics, root / "thinker_reward_curves.png", f"thinker GRPO reward components, seed {seed}",
@@ -663,6 +724,8 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
         for folder, suffix in ((root / "eval_think", ""), (root / "eval_think_untrained", "/untrained")):
             scores |= {f"{m}{suffix}": v for m, v in read_scores(folder).items()}
         training["thinker"] = thinker_summary(think_metrics)
+    if getattr(_WORK, "n", 0) != seed_work or "seed, wall clock" not in timings:  # lanes overlap: stages sum to more
+        timings["seed, wall clock"] = time.perf_counter() - seed_start
     timings_path.write_text(json.dumps(timings, indent=2) + "\n")
     print(f"seed {seed} stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), flush=True)
     return scores, training

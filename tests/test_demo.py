@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,26 @@ def test_base_agent_is_the_shipped_base_with_its_prompts_or_the_warm_up_with_non
     assert demo.base_agent(demo.Args(base="none"), tmp_path) == (tmp_path / "warm", [])
     with pytest.raises(SystemExit, match="model.safetensors not found"):
         demo.use_base(demo.Args(base=str(tmp_path)))
+
+
+def test_lanes_run_side_by_side_and_a_failure_stops_the_other_lanes(tmp_path):
+    args = demo.Args(jobs=2)
+    marker = tmp_path / "started"
+    sleeper = ["-c", f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"]
+
+    def long_lane() -> str:
+        demo.run_script(args, sleeper, tmp_path / "long.log")
+        return "long"
+
+    def failing_lane() -> str:
+        while not marker.exists():  # fail only once the other lane's script is running
+            time.sleep(0.05)
+        demo.run_script(args, ["-c", "raise SystemExit(3)"], tmp_path / "fail.log")
+        return "never"
+
+    assert demo.run_lanes(args, [lambda: "a", lambda: "b"]) == ["a", "b"]  # results in lane order
+    start = time.perf_counter()
+    with pytest.raises(SystemExit, match="failed with exit code 3; its output is in .*fail.log"):
+        demo.run_lanes(args, [long_lane, failing_lane])
+    assert time.perf_counter() - start < 30  # the 60-s script of the other lane was stopped, not waited for
+    assert not demo._LIVE
