@@ -59,7 +59,7 @@ What it shows, and what it does not (seed 0, 128 held-out scenes; the README has
     raises its format and score accuracy, but the judged gain of its re-edits stays near -0.25: it cannot name the
     right shapes either, and mostly learns to call turn 1 right.
 
-    python -m miniature.demo                         # one seed: ~13 minutes on a quiet 2-core box (~7 with --no-thinker)
+    python -m miniature.demo                         # one seed: ~8 minutes on a quiet 2-core box (two lanes)
     python -m miniature.demo --seeds 0,1,2           # the README's table: three seeds, mean ± std
 """
 
