@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from miniature import demo
+from miniature import demo, summary
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
@@ -51,7 +51,7 @@ def recomputed_means(eval_dir: Path) -> dict[str, dict[str, float]]:
     means: dict[str, dict[str, float]] = {}
     for method in {m for _, m in latest}:
         records = [r for (_, m), r in latest.items() if m == method and r["status"] == "ok"]
-        means[method] = {c: sum(r[c] for r in records) / len(records) for c in demo.CRITERIA}
+        means[method] = {c: sum(r[c] for r in records) / len(records) for c in summary.CRITERIA}
         means[method]["judged"] = len(records)
     return means
 
@@ -107,18 +107,18 @@ def test_tables_agree_with_the_judgement_records(reduced_demo):
             continue  # think rows: compared below with their own folder's records
         fallbacks = sum(1 for e in edits if e["method"] == method and (e["chain"] or {}).get("fallback"))
         assert int(row["fallbacks"]) == fallbacks, method
-        for c in demo.CRITERIA:
+        for c in summary.CRITERIA:
             assert float(row[c]) == pytest.approx(means[method][c], abs=1e-9), (method, c)
     table1 = {}
     with (out / "seed3/eval/table1.csv").open(newline="") as f:
         for r in csv.DictReader(f):
             table1[r["method"]] = float(r["Average"])
     results_md = (out / "results.md").read_text()
-    for method, label in demo.TABLE1_ROWS.items():
+    for method, label in summary.TABLE1_ROWS.items():
         assert table1[method] == pytest.approx(means[method]["total"], abs=1e-9)
         assert f"| {label} | {means[method]['total']:.2f} |" in results_md
         assert f"| {label} | {means[method]['total']:.2f} |" in proc.stdout  # the table is printed at the end
-    for method, label in demo.THINK_ROWS.items():
+    for method, label in summary.THINK_ROWS.items():
         assert f"| {label} | {means[method]['total']:.2f} |" in results_md
         if method not in METHODS:
             assert float(rows[method]["total"]) == pytest.approx(means[method]["total"], abs=1e-9)
@@ -152,8 +152,8 @@ def test_aggregate_over_seeds_reports_mean_std_and_paired_gaps(tmp_path):
     metrics = [{"step": k, "reward_mean": k / 10} for k in range(1, 11)]  # sampled 0.3 -> 0.8 (first/last 5)
     metrics[4] |= {"eval/reward": 0.25, "eval/subject": 0.1}
     metrics[9] |= {"eval/reward": 0.5, "eval/subject": 0.2}
-    training = {s: demo.training_summary(metrics) for s in per_seed}
-    text = demo.write_results(tmp_path, per_seed, training)
+    training = {s: summary.training_summary(metrics) for s in per_seed}
+    text = summary.write_results(tmp_path, per_seed, training)
     assert "| Original | 8.20 ± 0.20 | 4.10 ± 0.10 | 2.00 ± 0.00 | 3.00 ± 0.00 | 0.0 ± 0.0 | 8.00, 8.20, 8.40 |" in text
     assert "| chain w/o RL | 6.20 ± 0.20 |" in text and "| 3.0 ± 1.0 | 6.00, 6.40, 6.20 |" in text
     assert "| chain with RL | 9.40 ± 0.40 |" in text
@@ -163,10 +163,10 @@ def test_aggregate_over_seeds_reports_mean_std_and_paired_gaps(tmp_path):
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert len(rows) == 9 and {r["seed"] for r in rows} == {"0", "1", "2"}
     per_seed[2]["chain-rl"] = scores(8.2)  # RL's totals 9.0, 9.4, 8.2 (std 0.61); mean gap over Original 0.67
-    text = demo.write_results(tmp_path, per_seed, training)
+    text = summary.write_results(tmp_path, per_seed, training)
     assert "| Original | 0.67 ± 0.76 | +1.00, +1.20, -0.20 | 0.61 | 0.20 | yes |" in text
     per_seed[1]["chain-rl"] = scores(8.4)  # totals 9.0, 8.4, 8.2: the gap 0.33 is inside the RL row's std 0.42
-    text = demo.write_results(tmp_path, per_seed, training)
+    text = summary.write_results(tmp_path, per_seed, training)
     assert "| Original | 0.33 ± 0.61 | +1.00, +0.20, -0.20 | 0.42 | 0.20 | no |" in text
 
 
@@ -183,8 +183,8 @@ def test_thinker_section_pairs_rows_by_seed_and_counts_turns(tmp_path):
     }  # fmt: skip
     metrics = [{"step": k, "reward_mean": 0.1, "gain_mean": -0.2 + k / 100} for k in range(1, 11)]
     metrics[9] |= {"eval/reward": 0.5, "eval/gain": -0.05}
-    training = {s: demo.training_summary(metrics) | {"thinker": demo.thinker_summary(metrics)} for s in per_seed}
-    text = demo.write_results(tmp_path, per_seed, training)
+    training = {s: summary.training_summary(metrics) | {"thinker": summary.thinker_summary(metrics)} for s in per_seed}
+    text = summary.write_results(tmp_path, per_seed, training)
     assert "## EditThinker" in text
     # chain-rl+think totals 7.5, 7.7 against chain-rl's 7.0, 7.1: gaps +0.5, +0.6
     assert (
