@@ -156,8 +156,12 @@ _WORK = threading.local()
 _LIVE: set[subprocess.Popen] = set()  # scripts running now, in any lane: stopped when another lane fails
 
 
-def _count_work() -> None:
-    _WORK.n = getattr(_WORK, "n", 0) + 1
+def _work_done() -> int:
+    return getattr(_WORK, "n", 0)
+
+
+def _count_work(n: int = 1) -> None:
+    _WORK.n = _work_done() + n
 
 
 def stage_done(folder: Path, settings: dict) -> bool:
@@ -225,7 +229,7 @@ def run_lanes(args: Args, lanes: list[Callable[[], object]]) -> list:
             wait(futures)
             raise failed[0].exception()
         done = [f.result() for f in futures]
-    _WORK.n = getattr(_WORK, "n", 0) + sum(n for _, n in done)  # the caller's stage did that work
+    _count_work(sum(n for _, n in done))  # the caller's stage did that work
     return [result for result, _ in done]
 
 
@@ -400,10 +404,10 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() and not args.force else {}
 
     def timed(name: str, fn, *a):
-        start, work = time.perf_counter(), getattr(_WORK, "n", 0)
+        start, work = time.perf_counter(), _work_done()
         print(f"\n==== seed {seed}: {name}", flush=True)
         result = fn(*a)
-        if getattr(_WORK, "n", 0) != work or name not in timings:
+        if _work_done() != work or name not in timings:
             timings[name] = time.perf_counter() - start
         return result
 
@@ -411,7 +415,7 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
         for name in ("data", "tiny", "warm", "grpo", "eval", "think_warm", "think_grpo", "eval_think",
                      "eval_think_untrained"):  # fmt: skip
             shutil.rmtree(root / name, ignore_errors=True)
-    seed_start, seed_work = time.perf_counter(), getattr(_WORK, "n", 0)
+    seed_start, seed_work = time.perf_counter(), _work_done()
     data_settings = timed("data", make_data, args, seed, root / "data")
     # the random tiny policy is the start of the warm-up (--base none) and of the thinker
     needs_tiny = args.base == "none" or args.thinker
@@ -422,21 +426,21 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
     else:
         agent_settings = {"data": data_settings, "base": timed("base", use_base, args)}
 
-    def decomposer_lane() -> dict:
+    def decomposer_lane() -> tuple[dict, list[dict]]:  # GRPO's settings and its metrics
         grpo_settings = timed("GRPO", train_grpo, args, seed, root, agent_settings)
         timed("evaluate", evaluate_methods, args, seed, root, {"grpo": grpo_settings})
         metrics = summary.read_metrics(root / "grpo" / "metrics.jsonl")
         title = f"GRPO reward components, seed {seed}"
         timed("plot", summary.plot_rewards, metrics, root / "reward_curves.png", title)
-        return grpo_settings
+        return grpo_settings, metrics
 
     def thinker_lane() -> dict:  # needs only the data and the random tiny policy
         up = {"data": data_settings, "policy": policy_settings}
         think_warm = timed("thinker warm-up", warm_up_thinker, args, seed, root, up)
         return timed("thinker GRPO", train_thinker, args, seed, root, {"think_warm": think_warm})
 
-    grpo_settings, *think_grpo = run_lanes(args, [decomposer_lane, *([thinker_lane] if args.thinker else [])])
-    metrics = summary.read_metrics(root / "grpo" / "metrics.jsonl")
+    lanes = [decomposer_lane, *([thinker_lane] if args.thinker else [])]
+    (grpo_settings, metrics), *think_grpo = run_lanes(args, lanes)
     scores, training = summary.read_scores(root / "eval"), summary.training_summary(metrics)
     if args.thinker:
         up = {"think_grpo": think_grpo[0], "grpo": grpo_settings}
@@ -447,7 +451,7 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
         for folder, suffix in ((root / "eval_think", ""), (root / "eval_think_untrained", "/untrained")):
             scores |= {f"{m}{suffix}": v for m, v in summary.read_scores(folder).items()}
         training["thinker"] = summary.thinker_summary(think_metrics)
-    if getattr(_WORK, "n", 0) != seed_work or "seed, wall clock" not in timings:  # lanes overlap: stages sum to more
+    if _work_done() != seed_work or "seed, wall clock" not in timings:  # lanes overlap: stages sum to more
         timings["seed, wall clock"] = time.perf_counter() - seed_start
     timings_path.write_text(json.dumps(timings, indent=2) + "\n")
     print(f"seed {seed} stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), flush=True)
