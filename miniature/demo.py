@@ -47,20 +47,21 @@ Why the settings are what they are (measured on this 2-core box; each Args field
       collapsed the reward; 8 prompts x G=8 per step.
     - The editor and judge rules are fixed in procedural.py and were not touched to make any row win.
 
-What it shows, and what it does not (seed 0, 128 held-out scenes; the README has the details)
-    With the base: Original 8.03, chain w/o RL 7.45, chain with RL 7.42. GRPO raises the decomposition reward
-    (Figure 3: the action and goal F1 rise within 50 steps), but it does not teach the policy to name a shape it must
-    find in the image ("the shape in the bottom middle"), so the chains still edit some wrong shapes and stay below
-    the editor alone, which ignores what it cannot ground. The old path (`--base none`) scored 8.09 / 5.54 / 5.47
-    over seeds 0, 1, 2.
+What it shows, and what it does not (seeds 0, 1, 2, 128 held-out scenes each; the README has the details)
+    With the base: Original 8.09 ± 0.08, chain w/o RL 7.53 ± 0.11, chain with RL 7.46 ± 0.15 (paired gaps of the
+    chain with RL: -0.07 ± 0.04 and -0.64 ± 0.07). GRPO raises the decomposition reward (Figure 3: the action and
+    goal F1 rise; the held-out greedy reward rises on every seed), but it does not teach the policy to name a shape
+    it must find in the image ("the shape in the bottom middle"), so the chains still edit some wrong shapes and stay
+    below the editor alone, which ignores what it cannot ground. The old path (`--base none`) scored 8.09 / 5.54 /
+    5.47.
 
-    EditThinker (old path, seeds 0, 1, 2): chain-rl+think beats chain-rl by +0.06 ± 0.05 and the GRPO-trained thinker beats
-    the warm-up-only one by +0.06 ± 0.07 there; thinking on the raw request loses 0.59 to Original. The thinker's GRPO
-    raises its format and score accuracy, but the judged gain of its re-edits stays near -0.25: it cannot name the
-    right shapes either, and mostly learns to call turn 1 right.
+    EditThinker (thinker from the random tiny policy): chain-rl+think minus chain-rl -0.16 ± 0.16, the GRPO-trained
+    thinker minus the warm-up-only one +0.07 ± 0.22 (chain-rl+think) and +0.06 ± 0.05 (think), think on the raw
+    request minus Original -0.33 ± 0.21. The thinker's GRPO raises its format and score accuracy, but the judged gain
+    of its re-edits stays near -0.25: it cannot name the right shapes either, and mostly learns to call turn 1 right.
 
-    python -m miniature.demo                         # one seed: ~8 minutes on a quiet 2-core box (two lanes)
-    python -m miniature.demo --seeds 0,1,2           # the README's table: three seeds, mean ± std
+    python -m miniature.demo                         # one seed: ~8-9 minutes on the 2-core box (two lanes)
+    python -m miniature.demo --seeds 0,1,2           # the README's table: three seeds, mean ± std (~26 min)
 """
 
 from __future__ import annotations
