@@ -130,10 +130,10 @@ def _list_line(items: list[str]) -> str:
     return ", ".join(items) if items else "(none)"
 
 
-_FIELD_RE = re.compile(r"\{(request|actions|subjects|goals)\}")
+_FIELD_RE = re.compile(r"\{(request|actions|subjects|goals|instruction)\}")
 
 
-def _fill(template: str, **values: str) -> str:
+def fill_template(template: str, **values: str) -> str:
     """The template with each {field} replaced, in one pass: a value that itself holds "{goals}" is left as it is."""
     return _FIELD_RE.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
@@ -144,46 +144,56 @@ class PromptsError(ValueError):
 
 @dataclass(frozen=True)
 class Prompts:
-    """The two agents' prompts: a system turn each (None: no system turn) and a user-text template each.
+    """The two agents' prompts: a system turn each (None: no system turn) and a user-text template each; optionally
+    EditThinker's critic-refiner's too.
 
-    Templates fill {request}, and the sequencer's also {actions}, {subjects}, {goals} (each list comma-joined). The
-    paper's full prompts (`PAPER_PROMPTS`) are the default for real models. A small model trained on short templates
-    of its own (the miniature's base) ships them as a JSON file of these four fields, which train.py and evaluate.py
-    take as `--prompts PATH` (`Prompts.load`).
+    Templates fill {request}, and the sequencer's also {actions}, {subjects}, {goals} (each list comma-joined); the
+    critic's fills {request} and {instruction} (the instruction that made the edit it judges). The paper's full
+    prompts (`PAPER_PROMPTS`) are the default for real models. A small model trained on short templates of its own
+    (the miniature's base) ships them as a JSON file of these fields, which train.py, evaluate.py and
+    miniature/warmup.py take as `--prompts PATH` (`Prompts.load`). critic None (the field left out): the critic keeps
+    its paper prompt (critics.PAPER_CRITIC), whatever the other four say.
     """
 
     decomposition_system: str | None
     decomposition: str
     sequencing_system: str | None
     sequencing: str
+    critic_system: str | None = None
+    critic: str | None = None
 
     def decomposition_prompt(self, request: str) -> str:
         """The user text of the decomposition agent (the image comes with it, where the chat template puts it)."""
-        return _fill(self.decomposition, request=request.strip())
+        return fill_template(self.decomposition, request=request.strip())
 
     def sequencing_prompt(self, request: str, decomposition: rewards.Decomposition) -> str:
         """The user text of the sequencing agent: the request and the three lists, in its template."""
         d = decomposition
-        return _fill(self.sequencing, request=request.strip(), actions=_list_line(d.actions),
+        return fill_template(self.sequencing, request=request.strip(), actions=_list_line(d.actions),
                      subjects=_list_line(d.subjects), goals=_list_line(d.goals))  # fmt: skip
 
     @classmethod
     def load(cls, path: str) -> Prompts:
-        """Prompts from a JSON object with exactly the four fields (a system may be null)."""
+        """Prompts from a JSON object with the four agent fields (a system may be null) and, optionally, both critic
+        fields (critic_system, critic)."""
         try:
             data = json.loads(open(path, encoding="utf-8").read())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise PromptsError(f"{path}: not a readable JSON prompts file ({err})") from None
         names = [f.name for f in fields(cls)]
-        if not isinstance(data, dict) or set(data) != set(names):
+        required = names[:4]
+        allowed = (set(required), set(names))  # the four agent fields alone, or with both critic fields
+        if not isinstance(data, dict) or set(data) not in allowed:
             got = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise PromptsError(f"{path}: expected the fields {names}, got {got}")
-        for name in names:
+            raise PromptsError(f"{path}: expected the fields {required} (and optionally {names[4:]}), got {got}")
+        for name in data:
             ok = isinstance(data[name], str) or (data[name] is None and name.endswith("_system"))
             if not ok:
                 raise PromptsError(f"{path}: field {name!r} must be a string{' or null' * name.endswith('_system')}")
-        if "{request}" not in data["decomposition"]:
-            raise PromptsError(f"{path}: field 'decomposition' must contain {{request}}")
+        for name, wanted in (("decomposition", ("{request}",)), ("critic", ("{request}", "{instruction}"))):
+            missing = [w for w in wanted if name in data and w not in data[name]]
+            if missing:
+                raise PromptsError(f"{path}: field {name!r} must contain {' and '.join(missing)}")
         return cls(**data)
 
 

@@ -57,17 +57,40 @@ _LAYOUT_SIDE_BY_SIDE = (
 )
 
 
-def critic_prompt(request: str, instruction: str, *, side_by_side: bool) -> str:
-    """The critic's user text: how the images are laid out, the request, the instruction that was edited, the format.
+def _paper_template(layout: str) -> str:
+    return f"{layout}\nThe user's request: {{request}}\nThe instruction the editor was given: {{instruction}}\n\n{CRITIC_FORMAT}"
 
-    side_by_side=True describes the one composed image of `side_by_side` (local critics); False, two images in the
-    order ORIGINAL, EDITED (API critics, like judge.py's rubric messages).
+
+@dataclass(frozen=True)
+class CriticPrompt:
+    """A local critic's prompt: its system turn (None: no system turn) and its user-text template, which fills
+    {request} and {instruction}. The paper-style prompt (`PAPER_CRITIC`) is the default; a small model trained on a
+    short template of its own takes that one from its prompts file (`from_prompts`)."""
+
+    system: str | None
+    template: str
+
+    def text(self, request: str, instruction: str) -> str:
+        return agents.fill_template(self.template, request=request.strip(), instruction=instruction.strip())
+
+    @classmethod
+    def from_prompts(cls, prompts: agents.Prompts) -> CriticPrompt:
+        """The critic prompt of an agents.Prompts (`--prompts PATH`): its critic fields, or PAPER_CRITIC without."""
+        return PAPER_CRITIC if prompts.critic is None else cls(prompts.critic_system, prompts.critic)
+
+
+PAPER_CRITIC = CriticPrompt(CRITIC_SYSTEM, _paper_template(_LAYOUT_SIDE_BY_SIDE))
+
+
+def critic_prompt(request: str, instruction: str, *, side_by_side: bool) -> str:
+    """The paper-style critic's user text: how the images are laid out, the request, the instruction that was edited,
+    the format.
+
+    side_by_side=True describes the one composed image of `side_by_side` (local critics: PAPER_CRITIC's text); False,
+    two images in the order ORIGINAL, EDITED (API critics, like judge.py's rubric messages).
     """
     layout = _LAYOUT_SIDE_BY_SIDE if side_by_side else _LAYOUT_TWO_IMAGES
-    return (
-        f"{layout}\nThe user's request: {request.strip()}\nThe instruction the editor was given: "
-        f"{instruction.strip()}\n\n{CRITIC_FORMAT}"
-    )
+    return CriticPrompt(CRITIC_SYSTEM, _paper_template(layout)).text(request, instruction)
 
 
 def side_by_side(source: Image.Image, edited: Image.Image) -> Image.Image:
@@ -118,19 +141,17 @@ class Critic(Protocol):
     def critique_many(self, samples: Sequence[CritiqueSample]) -> list[str | CriticFailure]: ...
 
 
-def critic_input(sample: CritiqueSample) -> tuple[Image.Image, str]:
+def critic_input(sample: CritiqueSample, prompt: CriticPrompt = PAPER_CRITIC) -> tuple[Image.Image, str]:
     """The local critic's (image, user text) for one sample: the one prompt builder a thinker's trainer shares."""
-    return side_by_side(sample.source, sample.edited), critic_prompt(
-        sample.request, sample.instruction, side_by_side=True
-    )
+    return side_by_side(sample.source, sample.edited), prompt.text(sample.request, sample.instruction)
 
 
 class LocalCritic:
     """A Qwen-VL policy (policy.load_policy: the base model or a trained thinker) as the critic, in this process.
 
-    Each sample becomes one prompt with ONE image, `side_by_side(source, edited)`, and `critic_prompt(...,
-    side_by_side=True)` under CRITIC_SYSTEM; `batch_size` samples share one `generate_texts` call. greedy=True for
-    evaluation; greedy=False samples at `temperature` (a trainer's rollouts).
+    Each sample becomes one prompt with ONE image, `side_by_side(source, edited)`, and `prompt`'s text under its
+    system turn (PAPER_CRITIC: `critic_prompt(..., side_by_side=True)` under CRITIC_SYSTEM); `batch_size` samples share
+    one `generate_texts` call. greedy=True for evaluation; greedy=False samples at `temperature` (a trainer's rollouts).
     """
 
     def __init__(
@@ -143,21 +164,22 @@ class LocalCritic:
         batch_size: int = agents.DEFAULT_BATCH_SIZE,
         greedy: bool = True,
         temperature: float = 1.0,
+        prompt: CriticPrompt = PAPER_CRITIC,
     ) -> None:
-        self.model, self.processor, self.name = model, processor, name
+        self.model, self.processor, self.name, self.prompt = model, processor, name, prompt
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.greedy, self.temperature = greedy, temperature
 
     def critique_many(self, samples: Sequence[CritiqueSample]) -> list[str | CriticFailure]:
         texts: list[str | CriticFailure] = []
         for rows in agents.batches(len(samples), self.batch_size):
-            inputs = [critic_input(samples[i]) for i in rows]
+            inputs = [critic_input(samples[i], self.prompt) for i in rows]
             texts += policy.generate_texts(
                 self.model,
                 self.processor,
                 [image for image, _ in inputs],
                 [prompt for _, prompt in inputs],
-                CRITIC_SYSTEM,
+                self.prompt.system,
                 max_new_tokens=self.max_new_tokens,
                 greedy=self.greedy,
                 temperature=self.temperature,

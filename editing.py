@@ -67,7 +67,8 @@ def make_editor(settings: EditSettings) -> editors.Editor:
 def make_critic(settings: EditSettings, load_agent: Callable[[str], agents.Agent]) -> critics.Critic:
     """The think rows' critic (specs.make_critic). load_agent loads (or reuses) a local checkpoint."""
     return specs.make_critic(settings.critic, load_agent, max_new_tokens=settings.chain.max_new_tokens,
-                             batch_size=settings.chain.batch_size, concurrency=settings.critic_concurrency)  # fmt: skip
+                             batch_size=settings.chain.batch_size, concurrency=settings.critic_concurrency,
+                             prompt=critics.CriticPrompt.from_prompts(settings.chain.prompts))  # fmt: skip
 
 
 @dataclass

@@ -47,9 +47,11 @@ def make_judge(spec: str, concurrency: int | None = None):
 
 
 def make_critic(
-    spec: str, load_agent: Callable[[str], tuple], *, max_new_tokens: int, batch_size: int, concurrency: int
-):
-    """The critic of the think rows (module docstring). load_agent(path) loads (or reuses) a local checkpoint."""
+    spec: str, load_agent: Callable[[str], tuple], *, max_new_tokens: int, batch_size: int, concurrency: int,
+    prompt=None,
+):  # fmt: skip
+    """The critic of the think rows (module docstring). load_agent(path) loads (or reuses) a local checkpoint;
+    `prompt` (a critics.CriticPrompt; None: critics.PAPER_CRITIC) is a local critic's prompt."""
     import critics  # imported here: critics.py and judge.py load the openai client, which `import train` must not
     import judge
 
@@ -57,14 +59,15 @@ def make_critic(
         return critics.JudgeCritic(make_judge(SHAPES), name=SHAPES)
     if spec.startswith(SHAPES_REFINED_PREFIX + "local:"):
         refiner = make_critic(spec.removeprefix(SHAPES_REFINED_PREFIX), load_agent, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, concurrency=concurrency)  # fmt: skip
+                              batch_size=batch_size, concurrency=concurrency, prompt=prompt)  # fmt: skip
         return critics.JudgeCritic(make_judge(SHAPES), refiner=refiner, name=spec)
     if spec.startswith("local:"):
         path = spec.removeprefix("local:")
         if not path:
             raise ValueError(f"critic spec {spec!r} should look like 'local:PATH'")
         model, processor = load_agent(path)
-        return critics.LocalCritic(model, processor, name=spec, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return critics.LocalCritic(model, processor, name=spec, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   prompt=prompt or critics.PAPER_CRITIC)  # fmt: skip
     endpoint = judge.parse_api_spec(spec, "critic", judge.LOCAL_SERVER_KEY_ENV)
     if endpoint is not None:
         return critics.OpenAICritic(**endpoint, max_concurrency=concurrency)

@@ -375,11 +375,15 @@ class ThinkerTask:
     w_gain: float = 2.0
     satisfied_at: float = DEFAULT_THINK_THRESHOLD  # warm-up targets: repeat the instruction at this score
     seed: int = 0  # the editor's seed for every edit (a fixed seed: the gain measures the instruction, not the noise)
+    prompt: critics.CriticPrompt = critics.PAPER_CRITIC  # the critic's prompt (train.py / warmup.py --prompts)
     _first: dict[str, FirstTurn] = field(default_factory=dict, repr=False)
 
     name = "think"
-    system = critics.CRITIC_SYSTEM
     components = ("format", "score", "gain")
+
+    @property
+    def system(self) -> str | None:
+        return self.prompt.system
 
     def first_turns(self, examples: Sequence[data.RLExample]) -> list[FirstTurn]:
         """Turn 1 of each example, computed on first use and kept (an example's turn 1 never changes)."""
@@ -396,7 +400,7 @@ class ThinkerTask:
         images, texts = [], []
         for e, first in zip(examples, self.first_turns(examples)):
             sample = critics.CritiqueSample(e.load_image(), first.edited, e.request, e.request)
-            image, text = critics.critic_input(sample)
+            image, text = critics.critic_input(sample, self.prompt)
             images.append(image)
             texts.append(text)
         return images, texts

@@ -107,8 +107,9 @@ class Args:
     w_subject: float = arg(1.0, "weight of the subject F1 reward")
     w_goal: float = arg(1.0, "weight of the goal F1 reward")
     use_goal: bool = arg(True, "include the goal reward (--no-use-goal: the paper's 'without goal' ablation)")
-    prompts: str | None = arg(None, "decompose: a JSON file of the agents' prompts (agents.Prompts, e.g. the "
-                                    "miniature base's prompts.json); default: the paper's prompts")  # fmt: skip
+    prompts: str | None = arg(None, "a JSON file of the agents' prompts (agents.Prompts, e.g. the miniature base's "
+                                    "prompts.json): the decomposer's, or with --agent think the critic's; default: "
+                                    "the paper's prompts")  # fmt: skip
     thinker_preset: Literal["ours", "released"] = arg("ours", "think: 'released' sets EditThinker's released reward "
                                                       "and training (thinker.RELEASED_TRAINING: 0.5 format + 0.5 "
                                                       "gain, beta 0; Qwen3-VL-8B if --model is left at its default) "
@@ -363,13 +364,15 @@ def extra_examples(train_set: list, step: int, attempt: int, args: Args, rank: i
 
 def build_task(args: Args) -> tasks.Task:
     """The agent being trained: its prompts and its reward (tasks.py; the thinker's in thinker.py)."""
+    templates = agents.Prompts.load(args.prompts) if args.prompts else agents.PAPER_PROMPTS
     if args.agent == "think":
-        import specs  # imported here: the thinker's editor and judge (and the openai client) load only for it
+        import critics  # imported here: the thinker's editor and judge (and the openai client) load only for it
+        import specs
         import thinker
 
         return thinker.ThinkerTask(specs.make_editor(args.editor), specs.make_judge(args.judge),
-                                   w_format=args.w_format, w_score=args.w_score, w_gain=args.w_gain)  # fmt: skip
-    templates = agents.Prompts.load(args.prompts) if args.prompts else agents.PAPER_PROMPTS
+                                   w_format=args.w_format, w_score=args.w_score, w_gain=args.w_gain,
+                                   prompt=critics.CriticPrompt.from_prompts(templates))  # fmt: skip
     return tasks.DecompositionTask(w_format=args.w_format, w_action=args.w_action, w_subject=args.w_subject,
                                    w_goal=args.w_goal, use_goal=args.use_goal, templates=templates)  # fmt: skip
 

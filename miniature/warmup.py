@@ -53,6 +53,9 @@ class Args:
     max_examples: int | None = arg(None, "use only the first N examples (keeps the warm-up from seeing everything)")
     sequencing: bool = arg(True, "also teach the sequencing agent where lines have 'subrequests' (twice the cost)")
     seed: int = arg(0, "seed of the example order")
+    prompts: str | None = arg(None, "a JSON file of the agents' prompts (agents.Prompts, e.g. the miniature base's "
+                                    "prompts.json): the decomposer's and sequencer's, or with --agent think the "
+                                    "critic's; default: the paper's prompts")  # fmt: skip
 
 
 def target_text(example: data.RLExample) -> str:
@@ -77,17 +80,16 @@ def read_subrequests(path: str) -> dict[str, list[str]]:
     return out
 
 
-def supervised_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[str]]):
+def supervised_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[str]], templates: agents.Prompts):
     """(image, system, prompt, target) for each example's decomposition and, where known, its sequencing."""
     pairs = []
     for e in chunk:
         image = e.load_image()
-        pairs.append(
-            (image, agents.DECOMPOSITION_SYSTEM, agents.PAPER_PROMPTS.decomposition_prompt(e.request), target_text(e))
-        )
+        prompt = templates.decomposition_prompt(e.request)
+        pairs.append((image, templates.decomposition_system, prompt, target_text(e)))
         if e.id in subrequests:
-            prompt = agents.PAPER_PROMPTS.sequencing_prompt(e.request, e.gold)
-            pairs.append((image, agents.SEQUENCING_SYSTEM, prompt, agents.render_steps(subrequests[e.id])))
+            prompt = templates.sequencing_prompt(e.request, e.gold)
+            pairs.append((image, templates.sequencing_system, prompt, agents.render_steps(subrequests[e.id])))
     return pairs
 
 
@@ -96,7 +98,7 @@ def thinker_pairs(chunk: list[data.RLExample], subrequests: dict[str, list[str]]
     pairs = []
     for e in chunk:
         image, prompt, target = task.warmup_target(e, subrequests[e.id])
-        pairs.append((image, critics.CRITIC_SYSTEM, prompt, target))
+        pairs.append((image, task.system, prompt, target))
     return pairs
 
 
@@ -104,8 +106,13 @@ def main(argv=None) -> None:
     args = parse_dataclass_args(Args, argv)
     examples = data.load_rl_jsonl(args.train_data)[: args.max_examples]
     think_task = None
+    try:
+        templates = agents.Prompts.load(args.prompts) if args.prompts else agents.PAPER_PROMPTS
+    except agents.PromptsError as err:
+        raise SystemExit(f"warmup: --prompts: {err}") from None
     if args.agent == "think":
-        think_task = thinker.ThinkerTask(specs.make_editor(args.editor), specs.make_judge(args.judge))
+        critic = critics.CriticPrompt.from_prompts(templates)
+        think_task = thinker.ThinkerTask(specs.make_editor(args.editor), specs.make_judge(args.judge), prompt=critic)
         subrequests = read_subrequests(args.train_data)
         examples = [e for e in examples if e.id in subrequests]
         if not examples:
@@ -120,8 +127,11 @@ def main(argv=None) -> None:
     for step in range(args.steps):
         chunk = rng.sample(examples, min(args.batch_size, len(examples)))
         loss = 0.0
-        pairs = thinker_pairs(chunk, subrequests, think_task) if think_task else supervised_pairs(chunk, subrequests)
-        for system in dict.fromkeys(p[1] for p in pairs):  # one batch per agent (ordered: deterministic sums)
+        if think_task:
+            pairs = thinker_pairs(chunk, subrequests, think_task)
+        else:
+            pairs = supervised_pairs(chunk, subrequests, templates)
+        for system in dict.fromkeys(p[1] for p in pairs):  # one batch per system turn (ordered: deterministic sums)
             group = [p for p in pairs if p[1] == system]
             batch = policy.encode_supervised(
                 processor, [p[0] for p in group], [p[2] for p in group], [p[3] for p in group], system=system

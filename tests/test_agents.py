@@ -113,6 +113,21 @@ def test_a_prompts_file_changes_what_both_agents_are_sent(tmp_path, scripted, ma
     assert result.steps == ["Recolor the circle to blue"] and editor.calls[0][1] == "Recolor the circle to blue"
 
 
+def test_a_prompts_file_may_add_the_critic_s_template_and_without_it_the_critic_keeps_the_paper_s(tmp_path):
+    import critics
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(SHORT))
+    assert critics.CriticPrompt.from_prompts(agents.Prompts.load(str(path))) == critics.PAPER_CRITIC
+    path.write_text(json.dumps({**SHORT, "critic_system": None, "critic": "Request: {request}\nDid: {instruction}"}))
+    critic = critics.CriticPrompt.from_prompts(agents.Prompts.load(str(path)))
+    assert critic.system is None
+    assert critic.text(" make it {goals} ", " recolor it ") == "Request: make it {goals}\nDid: recolor it"
+    # the paper-style critic prompt is the template filled in
+    paper = critics.PAPER_CRITIC.text(" a ", " b ")
+    assert paper == critics.critic_prompt("a", "b", side_by_side=True) and "request: a\n" in paper
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -120,6 +135,9 @@ def test_a_prompts_file_changes_what_both_agents_are_sent(tmp_path, scripted, ma
         (json.dumps({**SHORT, "extra": "x"}), "expected the fields"),
         (json.dumps({**SHORT, "sequencing": None}), "field 'sequencing' must be a string"),
         (json.dumps({**SHORT, "decomposition": "no field here"}), "must contain {request}"),
+        (json.dumps({**SHORT, "critic": "Request: {request}"}), "expected the fields"),  # critic without its system
+        (json.dumps({**SHORT, "critic_system": None, "critic": "Request: {request}"}), "must contain {instruction}"),
+        (json.dumps({**SHORT, "critic_system": None, "critic": 3}), "field 'critic' must be a string"),
     ],
 )
 def test_a_bad_prompts_file_names_the_file_and_the_field(tmp_path, content, message):

@@ -365,6 +365,13 @@ def test_local_critic_shows_one_composed_image_per_prompt_and_a_junk_answer_stop
     # A random tiny model writes junk: the loop stops after critiquing turn 1 and returns it.
     assert result.stop_reason == thinker.STOP_UNPARSED and result.best_turn == 1 and len(editor.calls) == 1
     assert isinstance(result.turns[0].critique_text, str)
+    # a critic prompt of its own (a prompts file's "critic"): its template and its system turn (none) are sent
+    seen.clear()
+    short = critics.CriticPrompt(None, "Request: {request}\nInstruction: {instruction}")
+    critic = critics.LocalCritic(model, processor, max_new_tokens=6, batch_size=1, prompt=short)
+    think(source, critic, editor=RecordingEditor())
+    ((_, prompts, system),) = seen
+    assert system is None and prompts == [f"Request: {REQUEST}\nInstruction: {REQUEST}"]
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from miniature import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "data" / "example" / "train.jsonl"
+BASE_PROMPTS = REPO / "miniature" / "base_model" / "prompts.json"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
 G = 4
 # a step of 2 prompts x G=4, 16 new tokens, no decay, a large lr so that one update visibly moves the ratio
@@ -317,6 +318,10 @@ def test_prompts_file_reaches_the_task_and_a_bad_one_is_refused_before_anything_
     task = train.build_task(train.parse_dataclass_args(train.Args, ["--prompts", str(good)]))
     example = data.load_rl_jsonl(EXAMPLE)[0]
     assert task.system is None and task.prompts([example])[1] == [f"Request: {example.request.strip()}"]
+    # with --agent think, the file's critic template (the miniature base's prompts.json has one) is the thinker's
+    think = ["--agent", "think", "--editor", "shapes", "--judge", "shapes", "--prompts", str(BASE_PROMPTS)]
+    task = train.build_task(train.parse_dataclass_args(train.Args, think))
+    assert task.system is None and task.prompt.template == "Request: {request}\nInstruction: {instruction}"
     bad = tmp_path / "bad.json"
     bad.write_text('{"decomposition": "x"}')
     proc = subprocess.run([sys.executable, "train.py", "--prompts", str(bad), "--model", str(tmp_path / "nothing")],
