@@ -11,24 +11,24 @@ standing in for FLUX and GPT-4o. Each stage runs as a user would run it (the scr
                  `python -m miniature.base` and shipped, standing in for Qwen2.5-VL-7B-Instruct. It can see (per-cell
                  perception), copy, follow the tag format and sequence given lists, and was never trained on indirect
                  decompositions or the RL data. It is the decomposer of "chain w/o RL" and the sequencer of both
-                 chains, prompted with its prompts.json. (`--base none`: the old path, a random tiny policy,
-                 OUT/seed{S}/tiny, warmed up by `warmup.py` on gold decompositions and plans, OUT/seed{S}/warm)
-    3. tiny      OUT/seed{S}/tiny: a random tiny Qwen2.5-VL (hidden 64, 2 layers) built offline from the seed, the
-                 start of the thinker (below), which is not on the base yet
-    4. GRPO      OUT/seed{S}/grpo: `train.py --gpus 0` trains the decomposition agent from the base
-    5. evaluate  OUT/seed{S}/eval: `evaluate.py --editor shapes --judges shapes` on the held-out test scenes, rows
+                 chains, prompted with its prompts.json, and the start of the thinker (below). (`--base none`: the
+                 old path, a random tiny Qwen2.5-VL (hidden 64, 2 layers), OUT/seed{S}/tiny, built offline from the
+                 seed and warmed up by `warmup.py` on gold decompositions and plans, OUT/seed{S}/warm; it is the
+                 thinker's start too, with the paper's critic prompt)
+    3. GRPO      OUT/seed{S}/grpo: `train.py --gpus 0` trains the decomposition agent from the base
+    4. evaluate  OUT/seed{S}/eval: `evaluate.py --editor shapes --judges shapes` on the held-out test scenes, rows
                  Original, chain w/o RL and chain with RL, single- and multi-turn (Table 1 and the §4.2 ablation);
                  it writes table1.md/.csv, subscores.md/.csv and report.html
-    6. plot      OUT/seed{S}/reward_curves.png: the reward components over GRPO steps (the paper's Figure 3)
+    5. plot      OUT/seed{S}/reward_curves.png: the reward components over GRPO steps (the paper's Figure 3)
 EditThinker (the second paper; `--no-thinker` skips it), per seed:
-    7. thinker   OUT/seed{S}/think_warm: `warmup.py --agent think`, a supervised warm-up of a critic-refiner from the
-                 same random tiny policy (EditThinker's SFT stage): score turn 1, then repeat the instruction when the
-                 edit is right, else write the gold sub-requests; OUT/seed{S}/think_grpo: `train.py --agent think`,
-                 GRPO with the thinker's reward (format + score accuracy + judged gain of re-editing the source)
-    8. evaluate  OUT/seed{S}/eval_think and eval_think_untrained: `evaluate.py` rows `think` (the loop on the raw
+    6. thinker   OUT/seed{S}/think_warm: `warmup.py --agent think`, a supervised warm-up of a critic-refiner from the
+                 base (EditThinker's SFT stage), on the base's short critic template (prompts.json's "critic"): score
+                 turn 1, then repeat the instruction when the edit is right, else write the gold sub-requests;
+                 OUT/seed{S}/think_grpo: `train.py --agent think`, GRPO with the thinker's reward (format + score accuracy + judged gain of re-editing the source)
+    7. evaluate  OUT/seed{S}/eval_think and eval_think_untrained: `evaluate.py` rows `think` (the loop on the raw
                  request) and `chain-rl+think` (the loop seeded by the RL chain's plan), with the GRPO-trained
                  thinker and with the warm-up-only one as the local critic
-Stages 4-6 and 7's warm-up and GRPO need nothing of each other, so they run as two lanes side by side (`--jobs 2`:
+Stages 3-5 and 6's warm-up and GRPO need nothing of each other, so they run as two lanes side by side (`--jobs 2`:
 each script is single-threaded, so the two lanes use both cores of the 2-core box), and the two think evaluations
 after them run side by side too; each script logs to its own file in OUT/seed{S}/, and the terminal shows every line
 prefixed with that file's name.
@@ -258,13 +258,15 @@ def warm_up(args: Args, seed: int, root: Path, upstream: dict) -> dict:
 
 
 def _warm_up(args: Args, seed: int, root: Path, folder: Path, steps: int, agent: list[str], log: str,
-             upstream: dict) -> dict:  # fmt: skip
-    """warmup.py from the random tiny policy: the decomposition agent (agent=[]) or the thinker (--agent think)."""
+             upstream: dict, start: Path | None = None) -> dict:  # fmt: skip
+    """warmup.py from `start` (default: the random tiny policy): the decomposition agent (agent=[]) or the thinker
+    (agent: --agent think ..., with the start's --prompts)."""
     settings = {**upstream, "steps": steps, "lr": args.warmup_lr, "batch_size": args.warmup_batch_size,
                 "examples": args.warmup_examples}  # fmt: skip
+    start = start or root / "tiny"
     if not stage_done(folder, settings):
         fresh(folder)
-        run_script(args, ["-m", "miniature.warmup", *agent, "--model", str(root / "tiny"), "--train-data", str(root / "data/train.jsonl"),
+        run_script(args, ["-m", "miniature.warmup", *agent, "--model", str(start), "--train-data", str(root / "data/train.jsonl"),
                           "--out", str(folder), "--steps", str(steps), "--lr", str(args.warmup_lr),
                           "--batch-size", str(args.warmup_batch_size), "--max-examples", str(args.warmup_examples),
                           "--seed", str(seed)], root / log)  # fmt: skip
@@ -331,18 +333,25 @@ def _grpo(args: Args, seed: int, root: Path, folder: Path, start: Path, settings
     return settings
 
 
+def thinker_start(args: Args, root: Path) -> tuple[Path, list[str]]:
+    """Where the thinker's warm-up starts, and its prompt flag: the shipped base with its short critic template
+    (prompts.json's "critic"), or with `--base none` the random tiny policy with the paper's critic prompt."""
+    return (root / "tiny", []) if args.base == "none" else base_agent(args, root)
+
+
 def warm_up_thinker(args: Args, seed: int, root: Path, upstream: dict) -> dict:
-    agent = ["--agent", "think", "--editor", "shapes", "--judge", summary.JUDGE_LABEL]
+    start, prompts = thinker_start(args, root)
+    agent = ["--agent", "think", "--editor", "shapes", "--judge", summary.JUDGE_LABEL, *prompts]
     return _warm_up(
-        args, seed, root, root / "think_warm", args.thinker_warmup_steps, agent, "think_warmup.log", upstream
+        args, seed, root, root / "think_warm", args.thinker_warmup_steps, agent, "think_warmup.log", upstream, start
     )
 
 
 def train_thinker(args: Args, seed: int, root: Path, upstream: dict) -> dict:
     settings = {**upstream, "steps": args.thinker_grpo_steps, "max_new_tokens": args.thinker_max_new_tokens}
-    return _grpo(args, seed, root, root / "think_grpo", root / "think_warm", settings, "think_train.log",
-                 ["--agent", "think", "--editor", "shapes", "--judge", summary.JUDGE_LABEL], args.thinker_grpo_steps,
-                 args.thinker_max_new_tokens)  # fmt: skip
+    agent = ["--agent", "think", "--editor", "shapes", "--judge", summary.JUDGE_LABEL, *thinker_start(args, root)[1]]
+    return _grpo(args, seed, root, root / "think_grpo", root / "think_warm", settings, "think_train.log", agent,
+                 args.thinker_grpo_steps, args.thinker_max_new_tokens)  # fmt: skip
 
 
 def evaluated(folder: Path, settings: dict) -> bool:
@@ -418,14 +427,14 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
             shutil.rmtree(root / name, ignore_errors=True)
     seed_start, seed_work = time.perf_counter(), _work_done()
     data_settings = timed("data", make_data, args, seed, root / "data")
-    # the random tiny policy is the start of the warm-up (--base none) and of the thinker
-    needs_tiny = args.base == "none" or args.thinker
-    policy_settings = timed("tiny policy", make_policy, seed, root / "tiny") if needs_tiny else None
+    # the random tiny policy is the start of the warm-up and of the thinker with --base none; else the base is both's
     if args.base == "none":
+        policy_settings = timed("tiny policy", make_policy, seed, root / "tiny")
         agent_settings = {"warm": timed("warm-up", warm_up, args, seed, root, {"data": data_settings,
                                                                                "policy": policy_settings})}  # fmt: skip
     else:
-        agent_settings = {"data": data_settings, "base": timed("base", use_base, args)}
+        policy_settings = timed("base", use_base, args)
+        agent_settings = {"data": data_settings, "base": policy_settings}
 
     def decomposer_lane() -> tuple[dict, list[dict]]:  # GRPO's settings and its metrics
         grpo_settings = timed("GRPO", train_grpo, args, seed, root, agent_settings)
@@ -435,7 +444,7 @@ def run_seed(args: Args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
         timed("plot", summary.plot_rewards, metrics, root / "reward_curves.png", title)
         return grpo_settings, metrics
 
-    def thinker_lane() -> dict:  # needs only the data and the random tiny policy
+    def thinker_lane() -> dict:  # needs only the data and its start (the base, or the random tiny policy)
         up = {"data": data_settings, "policy": policy_settings}
         think_warm = timed("thinker warm-up", warm_up_thinker, args, seed, root, up)
         return timed("thinker GRPO", train_thinker, args, seed, root, {"think_warm": think_warm})

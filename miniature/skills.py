@@ -25,7 +25,10 @@ from miniature import dataset, world
 
 DECOMP_TEMPLATE = "Request: {request}"
 SEQ_TEMPLATE = "Actions: {actions}\nSubjects: {subjects}\nGoals: {goals}"
-PROMPTS = agents.Prompts(None, DECOMP_TEMPLATE, None, SEQ_TEMPLATE)  # no system turn: the base was trained without
+# EditThinker's critic-refiner: not a skill of the base (nothing here trains it); the thinker's warm-up
+# (miniature/warmup.py --agent think --prompts) teaches the critique on this short template, from the base's weights
+CRITIC_TEMPLATE = "Request: {request}\nInstruction: {instruction}"
+PROMPTS = agents.Prompts(None, DECOMP_TEMPLATE, None, SEQ_TEMPLATE, None, CRITIC_TEMPLATE)  # no system turns
 CELL_Q = "What is in the {cell}?"
 WHERE_Q = "Where is the {name}?"
 SIZE_Q = "How big is the {name}?"

@@ -80,6 +80,11 @@ def test_reduced_demo_writes_every_artefact(reduced_demo):
     assert Path(grpo_args["prompts"]).name == "prompts.json"
     assert grpo_args["clip_eps_high"] == 0.28 and grpo_args["temperature"] == 1.0  # the demo's GRPO knobs reach it
     assert not (seed_dir / "warm").exists()
+    # the thinker is warmed up from the same base, on the base's critic template, and GRPO-trained with it
+    think_args = json.loads((seed_dir / "think_grpo/args.json").read_text())
+    assert Path(think_args["prompts"]).name == "prompts.json" and not (seed_dir / "tiny").exists()
+    base_tokenizer = (REPO / "miniature/base_model/tokenizer.json").read_text()
+    assert (seed_dir / "think_warm/tokenizer.json").read_text() == base_tokenizer  # the tiny policy has its own
     # the held-out test scenes are not training scenes: the splits come from different generator seeds
     ids = {split: {json.loads(x)["id"] for x in (seed_dir / f"data/{split}.jsonl").read_text().splitlines()}
            for split in ("train", "val", "test")}  # fmt: skip
@@ -210,6 +215,8 @@ def test_base_agent_is_the_shipped_base_with_its_prompts_or_the_warm_up_with_non
         == json.loads((base / "manifest.json").read_text())["weights_sha256"]
     )
     assert demo.base_agent(demo.Args(base="none"), tmp_path) == (tmp_path / "warm", [])
+    assert demo.thinker_start(demo.Args(), tmp_path) == (base, prompts)  # the thinker starts from the base too
+    assert demo.thinker_start(demo.Args(base="none"), tmp_path) == (tmp_path / "tiny", [])
     with pytest.raises(SystemExit, match="model.safetensors not found"):
         demo.use_base(demo.Args(base=str(tmp_path)))
 

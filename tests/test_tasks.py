@@ -115,6 +115,19 @@ def test_thinker_prompt_is_the_local_critics_input(examples):
     assert task.system == critics.CRITIC_SYSTEM
 
 
+def test_thinker_with_a_short_critic_template_sends_it_and_warms_up_on_it(examples, subrequests):
+    from miniature import skills, warmup
+
+    short = critics.CriticPrompt.from_prompts(skills.PROMPTS)  # the miniature base's: no system turn
+    task = thinker.ThinkerTask(procedural.ProceduralEditor(), procedural.ShapesJudge(), prompt=short)
+    e = examples["shapes-1000-00007"]
+    images, prompts = task.prompts([e])
+    assert task.system is None and prompts == [f"Request: {e.request.strip()}\nInstruction: {e.request.strip()}"]
+    ((image, system, prompt, target),) = warmup.thinker_pairs([e], subrequests, task)
+    assert system is None and prompt == prompts[0] and image.tobytes() == images[0].tobytes()
+    assert rewards.critique_format_reward(target) == 1.0
+
+
 @pytest.mark.parametrize("example_id,repeats", [("shapes-1000-00007", False), ("shapes-1000-00000", True)])
 def test_thinker_warmup_target_follows_the_critic_format(examples, subrequests, example_id, repeats):
     task = thinker.ThinkerTask(procedural.ProceduralEditor(), procedural.ShapesJudge())
