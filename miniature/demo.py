@@ -55,10 +55,11 @@ What it shows, and what it does not (seeds 0, 1, 2, 128 held-out scenes each; th
     below the editor alone, which ignores what it cannot ground. The old path (`--base none`) scored 8.09 / 5.54 /
     5.47.
 
-    EditThinker (thinker from the random tiny policy): chain-rl+think minus chain-rl -0.16 ± 0.16, the GRPO-trained
-    thinker minus the warm-up-only one +0.07 ± 0.22 (chain-rl+think) and +0.06 ± 0.05 (think), think on the raw
-    request minus Original -0.33 ± 0.21. The thinker's GRPO raises its format and score accuracy, but the judged gain
-    of its re-edits stays near -0.25: it cannot name the right shapes either, and mostly learns to call turn 1 right.
+    EditThinker (thinker warmed up from the base on its short critic template): chain-rl+think minus chain-rl
+    -0.14 ± 0.09, the GRPO-trained thinker minus the warm-up-only one -0.00 ± 0.14 (chain-rl+think) and +0.06 ± 0.07
+    (think), think on the raw request minus Original -0.29 ± 0.19; within the noise of the old random-policy thinker
+    (-0.16, +0.07, +0.06, -0.33). The thinker's GRPO raises its sampled reward and gain, but the held-out judged gain
+    of its re-edits stays near -0.2: it cannot name the right shapes either, and mostly learns to call turn 1 right.
 
     python -m miniature.demo                         # one seed: ~8-9 minutes on the 2-core box (two lanes)
     python -m miniature.demo --seeds 0,1,2           # the README's table: three seeds, mean ± std (~26 min)
