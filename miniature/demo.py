@@ -61,8 +61,8 @@ What it shows, and what it does not (seeds 0, 1, 2, 128 held-out scenes each; th
     (-0.16, +0.07, +0.06, -0.33). The thinker's GRPO raises its sampled reward and gain, but the held-out judged gain
     of its re-edits stays near -0.2: it cannot name the right shapes either, and mostly learns to call turn 1 right.
 
-    python -m miniature.demo                         # one seed: ~8-9 minutes on the 2-core box (two lanes)
-    python -m miniature.demo --seeds 0,1,2           # the README's table: three seeds, mean ± std (~26 min)
+    python -m miniature.demo                         # one seed: ~6.5 minutes on the quiet 2-core box (two lanes)
+    python -m miniature.demo --seeds 0,1,2           # the README's table: three seeds, mean ± std (~20-26 min)
 """
 
 from __future__ import annotations
