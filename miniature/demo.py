@@ -24,7 +24,8 @@ EditThinker (the second paper; `--no-thinker` skips it), per seed:
     6. thinker   OUT/seed{S}/think_warm: `warmup.py --agent think`, a supervised warm-up of a critic-refiner from the
                  base (EditThinker's SFT stage), on the base's short critic template (prompts.json's "critic"): score
                  turn 1, then repeat the instruction when the edit is right, else write the gold sub-requests;
-                 OUT/seed{S}/think_grpo: `train.py --agent think`, GRPO with the thinker's reward (format + score accuracy + judged gain of re-editing the source)
+                 OUT/seed{S}/think_grpo: `train.py --agent think`, GRPO with the thinker's reward (format + score
+                 accuracy + judged gain of re-editing the source)
     7. evaluate  OUT/seed{S}/eval_think and eval_think_untrained: `evaluate.py` rows `think` (the loop on the raw
                  request) and `chain-rl+think` (the loop seeded by the RL chain's plan), with the GRPO-trained
                  thinker and with the warm-up-only one as the local critic
